@@ -1,0 +1,356 @@
+"""The DMUE training model (multi-branch) and its inference model (target branch only).
+
+Variables of the training model (C classes, D feature dims):
+  params:
+    trunk      stem + layer1..layer3 (resnet.Trunk)
+    branches   C+1 copies of layer4 with a leading branch axis; copy c < C is auxiliary branch c,
+               copy C the target branch
+    neck       BatchNorm1d over D shared by every branch: scale, bias
+    aux_heads  kernel [C, D, C-1]: auxiliary head c, no bias
+    head       kernel [D, C]: the target head, no bias
+    pue        the uncertainty MLP: fc1 (2C -> C, bias), prelu alpha, fc2 (C -> 1, bias)
+  batch_stats: trunk, branches (stacked), neck.
+Inference variables: params/batch_stats {trunk, branch, neck, head}, `branch` being copy C.
+
+Training inputs are grouped by class: x [C, k, H, W, 3], row c holding k samples of class c.
+Every subset the reference takes with boolean masks is then a static gather (SPEC: recommended
+design). Each auxiliary branch c receives its "y != c" samples ((C-1)k rows, classes in order,
+c skipped) followed by its own class's k samples, in one call whose BatchNorms normalise the two
+segments separately, first the auxiliary then the latent-distribution segment, as the
+reference's two calls do. The target branch receives all Ck samples as one segment. All C+1
+branches therefore take Ck rows, which is what lets them be stacked and vmapped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmue_jax.models import resnet
+
+Variables = dict[str, Any]
+
+
+def others(num_classes: int) -> np.ndarray:
+  """[C, C-1] int: row c lists the classes other than c, in increasing order."""
+  return np.array([[j for j in range(num_classes) if j != c] for c in range(num_classes)],
+                  dtype=np.int32)
+
+
+def default_branch_mode() -> str:
+  """'loop' on CPU, where vmapped convolutions with batched weights become slow grouped
+  convolutions (measured: about 4x slower); 'vmap' on accelerators."""
+  return 'loop' if jax.default_backend() == 'cpu' else 'vmap'
+
+
+class PUE(nn.Module):
+  """Pairwise-uncertainty MLP: [N, 2C] -> [N, 1] score in (0, 1).
+
+  Linear(2C -> C) -> PReLU (one slope, init 0.25) -> Linear(C -> 1) -> sigmoid, with PyTorch's
+  default Linear initialisation (uniform +-1/sqrt(fan_in)) since the reference never trains it
+  (SPEC Q2): its random init *is* the module.
+  """
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, stats):
+    c = self.num_classes
+
+    def torch_uniform(fan_in):
+      bound = 1.0 / np.sqrt(fan_in)
+      return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+          key, shape, dtype, -bound, bound)
+
+    h = nn.Dense(c, kernel_init=torch_uniform(2 * c), bias_init=torch_uniform(2 * c),
+                 name='fc1')(stats)
+    alpha = self.param('alpha', nn.initializers.constant(0.25), (), jnp.float32)
+    h = jnp.where(h >= 0, h, alpha * h)
+    h = nn.Dense(1, kernel_init=torch_uniform(c), bias_init=torch_uniform(c), name='fc2')(h)
+    return jax.nn.sigmoid(h)
+
+
+class Neck(nn.Module):
+  """The BN-neck over pooled features, optionally per segment (see resnet.BatchNorm)."""
+
+  @nn.compact
+  def __call__(self, x, *, train, segments=None):
+    return resnet.BatchNorm(name='bn')(x, train=train, segments=segments)
+
+
+@dataclasses.dataclass(frozen=True)
+class DMUEModel:
+  """Builds, initialises and applies the multi-branch model. Stateless; all state is in
+  `variables`.
+
+  Attributes mirror config.model; see `from_config`.
+  """
+  num_classes: int
+  backbone: str = 'resnet18'
+  width: int = 64
+  stem: str = 'reference'
+  last_stride: int = 2
+  pooling: str = 'gap'
+  bnneck: bool = True
+  dropout: float = 0.5
+  branch_mode: str = 'loop'
+  dtype: Any = jnp.float32
+
+  @classmethod
+  def from_config(cls, model_config) -> 'DMUEModel':
+    mode = model_config.branch_mode
+    return cls(num_classes=model_config.num_classes, backbone=model_config.backbone,
+               width=model_config.width, stem=model_config.stem,
+               last_stride=model_config.last_stride, pooling=model_config.pooling,
+               bnneck=model_config.bnneck, dropout=model_config.dropout,
+               branch_mode=default_branch_mode() if mode == 'auto' else mode,
+               dtype=jnp.dtype(model_config.dtype))
+
+  @property
+  def feature_dim(self) -> int:
+    return resnet.feature_dim(self.backbone, self.width)
+
+  @property
+  def trunk(self) -> resnet.Trunk:
+    return resnet.Trunk(self.backbone, self.width, self.stem, self.dtype)
+
+  @property
+  def stage(self) -> resnet.Stage4:
+    return resnet.Stage4(self.backbone, self.width, self.last_stride, self.dtype)
+
+  # ---------------------------------------------------------------- initialisation
+  def init(self, rng: jax.Array, image_size: int) -> Variables:
+    """Random variables for the training model; images are [*, image_size, image_size, 3]."""
+    c, d = self.num_classes, self.feature_dim
+    k_trunk, k_br, k_aux, k_head, k_pue, k_neck = jax.random.split(rng, 6)
+    x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+    trunk_vars = self.trunk.init(k_trunk, x, train=False)
+    h = self.trunk.apply(trunk_vars, x, train=False)
+    branch_vars = jax.vmap(lambda k: self.stage.init(k, h, train=False))(
+        jax.random.split(k_br, c + 1))
+    neck_vars = Neck().init(k_neck, jnp.zeros((2, d)), train=False)
+    pue_vars = PUE(c).init(k_pue, jnp.zeros((1, 2 * c)))
+    params = {
+        'trunk': trunk_vars['params'],
+        'branches': branch_vars['params'],
+        'neck': neck_vars['params'],
+        # The reference initialises every head N(0, 0.001^2).
+        'aux_heads': {'kernel': 0.001 * jax.random.normal(k_aux, (c, d, c - 1))},
+        'head': {'kernel': 0.001 * jax.random.normal(k_head, (d, c))},
+        'pue': pue_vars['params'],
+    }
+    stats = {'trunk': trunk_vars['batch_stats'], 'branches': branch_vars['batch_stats'],
+             'neck': neck_vars['batch_stats']}
+    return {'params': params, 'batch_stats': stats}
+
+  # ---------------------------------------------------------------- training forward
+  def apply_branches(self, params, stats, h_in, *, train, segments, merge):
+    """Applies the C+1 stacked layer4 copies.
+
+    h_in: [C+1, N, h, w, F] (N = Ck for every branch). segments: (aux_rows, own_rows) for the
+    auxiliary branches; merge [C+1] bool marks the one-segment target branch.
+    Returns ([C+1, N, h', w', D], new stacked batch_stats).
+    """
+    num = h_in.shape[0]
+    mutable = ['batch_stats'] if train else False
+
+    def one(p, s, x, m, segs):
+      out = self.stage.apply({'params': p, 'batch_stats': s}, x, train=train, segments=segs,
+                             merge=m, mutable=mutable)
+      if train:
+        y, new = out
+        return y, new['batch_stats']
+      return out, s
+
+    if self.branch_mode == 'vmap':
+      return jax.vmap(lambda p, s, x, m: one(p, s, x, m, segments))(params, stats, h_in, merge)
+    ys, new_stats = [], []
+    for b in range(num):
+      p = jax.tree.map(lambda a: a[b], params)
+      s = jax.tree.map(lambda a: a[b], stats)
+      is_target = b == num - 1
+      # Static segmentation in the loop: the target branch is one segment.
+      segs = (h_in.shape[1],) if is_target else segments
+      y, s2 = one(p, s, h_in[b], None, segs)
+      ys.append(y)
+      new_stats.append(s2)
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *new_stats)
+    return jnp.stack(ys), stacked
+
+  def apply_train(self, variables: Variables, x: jax.Array, *, dropout_rng=None,
+                  neck_stats_all_passes: bool = True, gram_features: bool = False):
+    """The training forward pass on a class-grouped batch.
+
+    Args:
+      variables: training variables.
+      x: [C, k, H, W, 3] float, row c = k samples of class c.
+      dropout_rng: PRNG key for dropout; None disables dropout.
+      neck_stats_all_passes: SPEC Q4 (reference): the neck's running statistics see all 2C+1
+        passes in the reference order; False: only the target pass updates them.
+      gram_features: also return the auxiliary neck features (for the paper's feature Grams).
+    Returns:
+      (out, new_batch_stats), out holding
+        aux_logits    [C, (C-1)k, C-1]  auxiliary head c on its y != c samples
+        target_logits [C, k, C]
+        target_feats  [C, k, D]         neck(dropout(z)), the features of G_main
+        z             [C, k, D]         pooled target features before dropout (for S)
+        latent_logits [C, k, C-1]       auxiliary head c on class c, no dropout
+        aux_feats     [C, (C-1)k, D]    (only with gram_features)
+    """
+    params, stats = variables['params'], variables['batch_stats']
+    c = self.num_classes
+    k = x.shape[1]
+    n = c * k
+    img = x.reshape((n,) + x.shape[2:])
+    h, trunk_stats = self.trunk.apply({'params': params['trunk'], 'batch_stats': stats['trunk']},
+                                      img, train=True, mutable=['batch_stats'])
+    hg = h.reshape((c, k) + h.shape[1:])
+    # Branch c < C: its y != c samples then its own class; branch C: everything.
+    aux_in = hg[others(c)].reshape((c, (c - 1) * k) + h.shape[1:])
+    branch_in = jnp.concatenate([jnp.concatenate([aux_in, hg], axis=1), h[None]], axis=0)
+    merge = jnp.arange(c + 1) == c
+    feats, branch_stats = self.apply_branches(
+        params['branches'], stats['branches'], branch_in, train=True,
+        segments=((c - 1) * k, k), merge=merge)
+    pooled = jax.vmap(lambda f: resnet.pool(f, self.pooling))(feats)  # [C+1, Ck, D]
+    aux_z = pooled[:c, :(c - 1) * k]        # [C, (C-1)k, D]
+    latent_z = pooled[:c, (c - 1) * k:]     # [C, k, D]
+    z = pooled[c]                           # [Ck, D]
+
+    aux_z = self._dropout(aux_z, dropout_rng, 0)
+    target_in = self._dropout(z, dropout_rng, 1)
+    neck_out, neck_stats = self._neck_train(params, stats, aux_z, target_in, latent_z,
+                                            neck_stats_all_passes)
+    aux_f, target_f, latent_f = neck_out
+    aux_logits = jnp.einsum('cnd,cdo->cno', aux_f, params['aux_heads']['kernel'])
+    latent_logits = jnp.einsum('cnd,cdo->cno', latent_f, params['aux_heads']['kernel'])
+    target_logits = target_f @ params['head']['kernel']
+    out = {
+        'aux_logits': aux_logits,
+        'latent_logits': latent_logits,
+        'target_logits': target_logits.reshape(c, k, c),
+        'target_feats': target_f.reshape(c, k, -1),
+        'z': z.reshape(c, k, -1),
+    }
+    if gram_features:
+      out['aux_feats'] = aux_f
+    new_stats = {'trunk': trunk_stats['batch_stats'], 'branches': branch_stats,
+                 'neck': neck_stats}
+    return out, new_stats
+
+  def _dropout(self, x, rng, index):
+    """Inverted dropout (PyTorch nn.Dropout) with an independent mask per call site."""
+    if rng is None or self.dropout == 0.0:
+      return x
+    keep = 1.0 - self.dropout
+    mask = jax.random.bernoulli(jax.random.fold_in(rng, index), keep, x.shape)
+    return jnp.where(mask, x / keep, 0.0)
+
+  def _neck_train(self, params, stats, aux_z, target_in, latent_z, all_passes):
+    """Neck on the 2C+1 passes, each with its own batch statistics.
+
+    The reference calls the neck on the aux passes 0..C-1, then the target, then the latent
+    passes 0..C-1; with `all_passes` the running statistics are updated in that order (Q4).
+    Returns ((aux [C,(C-1)k,D], target [Ck,D], latent [C,k,D]), new neck batch_stats).
+    """
+    c, m, d = aux_z.shape
+    k = latent_z.shape[1]
+    if not self.bnneck:
+      return (aux_z, target_in, latent_z), stats['neck']
+    variables = {'params': params['neck'], 'batch_stats': stats['neck']}
+    neck = Neck()
+    if all_passes:
+      rows = jnp.concatenate([aux_z.reshape(c * m, d), target_in, latent_z.reshape(c * k, d)])
+      segs = (m,) * c + (c * k,) + (k,) * c
+      y, new = neck.apply(variables, rows, train=True, segments=segs, mutable=['batch_stats'])
+      aux_f = y[:c * m].reshape(c, m, d)
+      target_f = y[c * m:c * m + c * k]
+      latent_f = y[c * m + c * k:].reshape(c, k, d)
+      return (aux_f, target_f, latent_f), new['batch_stats']
+    target_f, new = neck.apply(variables, target_in, train=True, mutable=['batch_stats'])
+    # The other passes normalise with their own statistics but leave the averages alone.
+    side = jnp.concatenate([aux_z.reshape(c * m, d), latent_z.reshape(c * k, d)])
+    side_y, _ = neck.apply(variables, side, train=True, segments=(m,) * c + (k,) * c,
+                           mutable=['batch_stats'])
+    aux_f = side_y[:c * m].reshape(c, m, d)
+    latent_f = side_y[c * m:].reshape(c, k, d)
+    return (aux_f, target_f, latent_f), new['batch_stats']
+
+  def apply_pue(self, params, stats_input):
+    """[N, 2C] -> [N, 1] uncertainty score."""
+    return PUE(self.num_classes).apply({'params': params['pue']}, stats_input)
+
+
+# -------------------------------------------------------------------- inference
+@dataclasses.dataclass(frozen=True)
+class InferenceModel:
+  """Trunk + target layer4 + pool + neck (running statistics) + target head: the plain
+  backbone's cost. Also the model trained by the plain cross-entropy baseline."""
+  base: DMUEModel
+
+  def init(self, rng, image_size: int) -> Variables:
+    k1, k2, k3 = jax.random.split(rng, 3)
+    b = self.base
+    x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+    trunk_vars = b.trunk.init(k1, x, train=False)
+    h = b.trunk.apply(trunk_vars, x, train=False)
+    stage_vars = b.stage.init(k2, h, train=False)
+    neck_vars = Neck().init(k3, jnp.zeros((2, b.feature_dim)), train=False)
+    head = 0.001 * jax.random.normal(jax.random.fold_in(rng, 7), (b.feature_dim,
+                                                                  b.num_classes))
+    return {
+        'params': {'trunk': trunk_vars['params'], 'branch': stage_vars['params'],
+                   'neck': neck_vars['params'], 'head': {'kernel': head}},
+        'batch_stats': {'trunk': trunk_vars['batch_stats'],
+                        'branch': stage_vars['batch_stats'],
+                        'neck': neck_vars['batch_stats']},
+    }
+
+  def apply(self, variables: Variables, images: jax.Array, *, train: bool = False,
+            dropout_rng=None):
+    """images [N, H, W, 3] -> (logits [N, C], {'features': [N, D]}, new batch_stats or None)."""
+    b = self.base
+    p, s = variables['params'], variables['batch_stats']
+    mutable = ['batch_stats'] if train else False
+    out = b.trunk.apply({'params': p['trunk'], 'batch_stats': s['trunk']}, images, train=train,
+                        mutable=mutable)
+    h, trunk_s = out if train else (out, None)
+    out = b.stage.apply({'params': p['branch'], 'batch_stats': s['branch']}, h, train=train,
+                        mutable=mutable)
+    h, branch_s = out if train else (out, None)
+    z = resnet.pool(h, b.pooling)
+    if train:
+      z = b._dropout(z, dropout_rng, 1)  # pylint: disable=protected-access
+    neck_s = None
+    if b.bnneck:
+      out = Neck().apply({'params': p['neck'], 'batch_stats': s['neck']}, z, train=train,
+                         mutable=mutable)
+      z, neck_s = out if train else (out, None)
+    logits = z @ p['head']['kernel']
+    new_stats = None
+    if train:
+      new_stats = {'trunk': trunk_s['batch_stats'], 'branch': branch_s['batch_stats'],
+                   'neck': neck_s['batch_stats'] if neck_s is not None else s['neck']}
+    return logits, {'features': z}, new_stats
+
+
+def is_inference_variables(variables: Variables) -> bool:
+  return 'branch' in variables['params']
+
+
+def inference_variables(variables: Variables) -> Variables:
+  """Cuts the inference variables (target branch only) out of training variables."""
+  if is_inference_variables(variables):
+    return variables
+  p, s = variables['params'], variables['batch_stats']
+  target = lambda tree: jax.tree.map(lambda a: a[-1], tree)
+  return {
+      'params': {'trunk': p['trunk'], 'branch': target(p['branches']), 'neck': p['neck'],
+                 'head': p['head']},
+      'batch_stats': {'trunk': s['trunk'], 'branch': target(s['branches']),
+                      'neck': s['neck']},
+  }

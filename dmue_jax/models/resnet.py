@@ -1,0 +1,305 @@
+"""ResNet backbones in NHWC, split into the shared trunk and one `layer4` stage.
+
+DMUE shares the stem and layer1..layer3 (the *trunk*) and keeps C+1 copies of layer4 (the
+*branches*), so the two halves are separate modules. Module and parameter names follow the
+PyTorch reference (conv1, bn1, layer1_0/conv1, ..., downsample_conv, downsample_bn) so that the
+converter in `dmue_jax.convert_torch` is a renaming.
+
+BatchNorm follows PyTorch exactly (biased variance to normalise, unbiased variance in the
+running average, momentum 0.1, eps 1e-5) because the reference's running statistics are part of
+what we reproduce. It can also normalise several *segments* of one batch separately, each with
+its own statistics, updating the running averages segment after segment: one call then does what
+the reference does with several calls on different sample subsets.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Blocks per stage and block type for each backbone name.
+SPECS = {
+    'resnet18': ('basic', (2, 2, 2, 2)),
+    'resnet18_narrow': ('basic', (2, 2, 2, 2)),
+    'resnet34': ('basic', (3, 4, 6, 3)),
+    'resnet50': ('bottleneck', (3, 4, 6, 3)),
+    'resnet50_ibn': ('bottleneck_ibn', (3, 4, 6, 3)),
+}
+NARROW_WIDTH = 16
+
+
+def feature_dim(backbone: str, width: int = 64) -> int:
+  """D, the pooled feature size: 8*width (basic blocks) or 32*width (bottlenecks)."""
+  kind, _ = SPECS[backbone]
+  width = NARROW_WIDTH if backbone == 'resnet18_narrow' else width
+  return 8 * width * (1 if kind == 'basic' else 4)
+
+
+def _segment_moments(x: jax.Array, sizes: Sequence[int]):
+  """Per-segment mean and biased variance over all axes but the last.
+
+  x: [N, ..., F] with N = sum(sizes). Returns lists of [F] arrays, one per segment.
+  """
+  means, variances, start = [], [], 0
+  for n in sizes:
+    seg = x[start:start + n].astype(jnp.float32)
+    axes = tuple(range(seg.ndim - 1))
+    mean = jnp.mean(seg, axis=axes)
+    # Two-pass variance: the same arithmetic as PyTorch's, no E[x^2]-E[x]^2 cancellation.
+    variances.append(jnp.mean(jnp.square(seg - mean), axis=axes))
+    means.append(mean)
+    start += n
+  return means, variances
+
+
+def segment_count(x: jax.Array, n: int) -> int:
+  """Number of values per feature in a segment of n rows of x: n * spatial size."""
+  count = n
+  for d in x.shape[1:-1]:
+    count *= d
+  return count
+
+
+class BatchNorm(nn.Module):
+  """PyTorch-semantics BatchNorm over the last axis, optionally per batch segment.
+
+  Attributes:
+    momentum: PyTorch momentum: running = (1 - momentum) * running + momentum * batch.
+    epsilon: added to the variance.
+    use_scale_bias: affine parameters `scale` (init 1) and `bias` (init 0).
+  Call args:
+    x: [N, ..., F].
+    train: normalise with batch statistics and update the running ones.
+    segments: sizes of consecutive row blocks normalised separately (default: one block).
+    merge: only for two segments under `vmap`: a traced bool; True treats both as one block
+      (so a vmapped set of branches can mix two-segment and one-segment branches).
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, segments: Sequence[int] | None = None, merge=None):
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    if not train:
+      return self._normalize(x, ra_mean.value, ra_var.value, scale, bias)
+
+    segments = tuple(segments) if segments is not None else (x.shape[0],)
+    means, variances = _segment_moments(x, segments)
+    counts = [segment_count(x, n) for n in segments]
+    if merge is not None:
+      means, variances, counts = _maybe_merge(means, variances, counts, merge)
+
+    outs, start = [], 0
+    for n, mean, var in zip(segments, means, variances):
+      outs.append(self._normalize(x[start:start + n], mean, var, scale, bias))
+      start += n
+    if not self.is_initializing():
+      new_mean, new_var = ra_mean.value, ra_var.value
+      for i, (mean, var, count) in enumerate(zip(means, variances, counts)):
+        unbiased = var * (count / max(count - 1, 1))
+        upd_mean = (1 - self.momentum) * new_mean + self.momentum * mean
+        upd_var = (1 - self.momentum) * new_var + self.momentum * unbiased
+        if merge is not None and i == 1:
+          # A merged pair is one pass: its second segment must not update again.
+          upd_mean = jnp.where(merge, new_mean, upd_mean)
+          upd_var = jnp.where(merge, new_var, upd_var)
+        new_mean, new_var = upd_mean, upd_var
+      ra_mean.value, ra_var.value = new_mean, new_var
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+
+  def _normalize(self, x, mean, var, scale, bias):
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)
+    y = x.astype(jnp.float32) * mul + (bias - mean * mul)
+    return y.astype(self.dtype)
+
+
+def _maybe_merge(means, variances, counts, merge):
+  """Replaces two segment moments by their pooled moments where `merge` is True."""
+  if len(means) != 2:
+    raise ValueError('merge needs exactly two segments')
+  (m1, m2), (v1, v2), (n1, n2) = means, variances, counts
+  n = n1 + n2
+  m = (n1 * m1 + n2 * m2) / n
+  v = (n1 * (v1 + jnp.square(m1 - m)) + n2 * (v2 + jnp.square(m2 - m))) / n
+  pick = lambda a, b: jnp.where(merge, a, b)
+  return ([pick(m, m1), pick(m, m2)], [pick(v, v1), pick(v, v2)], [n, n])
+
+
+class InstanceNorm(nn.Module):
+  """PyTorch InstanceNorm2d(affine=True, no running statistics) over H, W per sample."""
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2), keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype)
+
+
+class IBN(nn.Module):
+  """IBN-a: the first half of the channels instance-normalised, the rest batch-normalised."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train, segments=None, merge=None):
+    half = x.shape[-1] // 2
+    a = InstanceNorm(dtype=self.dtype, name='IN')(x[..., :half])
+    b = BatchNorm(dtype=self.dtype, name='BN')(x[..., half:], train=train, segments=segments,
+                                               merge=merge)
+    return jnp.concatenate([a, b], axis=-1)
+
+
+def _conv(features, kernel, stride, dtype, name):
+  pad = (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+                 use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                 kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+                 name=name)
+
+
+class Block(nn.Module):
+  """A residual block: 'basic' (2 convs), 'bottleneck' (3 convs, x4) or 'bottleneck_ibn'."""
+  features: int
+  kind: str
+  stride: int = 1
+  downsample: bool = False
+  ibn: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train, segments=None, merge=None):
+    norm = functools.partial(BatchNorm, dtype=self.dtype)
+    bn = lambda name: (lambda y: norm(name=name)(y, train=train, segments=segments, merge=merge))
+    conv = lambda f, k, s, name: _conv(f, k, s, self.dtype, name)
+    residual = x
+    if self.kind == 'basic':
+      y = conv(self.features, 3, self.stride, 'conv1')(x)
+      y = nn.relu(bn('bn1')(y))
+      y = bn('bn2')(conv(self.features, 3, 1, 'conv2')(y))
+      out_features = self.features
+    else:
+      y = conv(self.features, 1, 1, 'conv1')(x)
+      if self.ibn:
+        y = IBN(dtype=self.dtype, name='bn1')(y, train=train, segments=segments, merge=merge)
+      else:
+        y = bn('bn1')(y)
+      y = nn.relu(y)
+      y = nn.relu(bn('bn2')(conv(self.features, 3, self.stride, 'conv2')(y)))
+      out_features = self.features * 4
+      y = bn('bn3')(conv(out_features, 1, 1, 'conv3')(y))
+    if self.downsample:
+      residual = bn('downsample_bn')(conv(out_features, 1, self.stride, 'downsample_conv')(x))
+    return nn.relu(y + residual)
+
+
+def _stage_blocks(kind, width, index, num_blocks, in_features, stride, dtype):
+  """The blocks of stage `index` (0..3) as (name, Block) pairs."""
+  features = width * (2 ** index)
+  expansion = 1 if kind == 'basic' else 4
+  # IBN-a puts instance norm in every stage but the last (planes 512 in the reference).
+  ibn = kind == 'bottleneck_ibn' and index < 3
+  block_kind = 'basic' if kind == 'basic' else 'bottleneck'
+  blocks = []
+  for b in range(num_blocks):
+    s = stride if b == 0 else 1
+    down = b == 0 and (s != 1 or in_features != features * expansion)
+    blocks.append((f'layer{index + 1}_{b}',
+                   Block(features, block_kind, s, down, ibn, dtype, name=f'layer{index + 1}_{b}')))
+  return blocks
+
+
+class Trunk(nn.Module):
+  """Stem + layer1..layer3: [N, H, W, 3] -> [N, H/16, W/16, 4*width*expansion].
+
+  stem='reference' is the authors' ResNet-18 stem (SPEC Q1): conv7x7/2 -> BN -> *no ReLU* ->
+  2x2 max-pool stride 2; 'standard' is conv7x7/2 -> BN -> ReLU -> 3x3/2 max-pool (pad 1).
+  """
+  backbone: str = 'resnet18'
+  width: int = 64
+  stem: str = 'reference'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    kind, layers = SPECS[self.backbone]
+    width = NARROW_WIDTH if self.backbone == 'resnet18_narrow' else self.width
+    x = x.astype(self.dtype)
+    x = _conv(width, 7, 2, self.dtype, 'conv1')(x)
+    x = BatchNorm(dtype=self.dtype, name='bn1')(x, train=train)
+    if self.stem == 'reference':
+      x = nn.max_pool(x, (2, 2), (2, 2))
+    else:
+      x = nn.relu(x)
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    in_features = width
+    expansion = 1 if kind == 'basic' else 4
+    for index in range(3):
+      for _, block in _stage_blocks(kind, width, index, layers[index], in_features,
+                                    1 if index == 0 else 2, self.dtype):
+        x = block(x, train=train)
+        in_features = width * (2 ** index) * expansion
+    return x
+
+
+class Stage4(nn.Module):
+  """One copy of layer4: [N, h, w, Fin] -> [N, h', w', D].
+
+  `segments` / `merge` pass through to every BatchNorm (see BatchNorm).
+  """
+  backbone: str = 'resnet18'
+  width: int = 64
+  last_stride: int = 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, segments=None, merge=None):
+    kind, layers = SPECS[self.backbone]
+    width = NARROW_WIDTH if self.backbone == 'resnet18_narrow' else self.width
+    for _, block in _stage_blocks(kind, width, 3, layers[3], x.shape[-1], self.last_stride,
+                                  self.dtype):
+      x = block(x, train=train, segments=segments, merge=merge)
+    return x
+
+
+def pool(x: jax.Array, method: str = 'gap', p: float = 3.0, eps: float = 1e-6) -> jax.Array:
+  """Global pooling [N, h, w, D] -> [N, D] in float32: average, or GeM with fixed p."""
+  x = x.astype(jnp.float32)
+  if method == 'gem':
+    return jnp.mean(jnp.power(jnp.maximum(x, eps), p), axis=(1, 2)) ** (1.0 / p)
+  return jnp.mean(x, axis=(1, 2))
+
+
+class PlainResNet(nn.Module):
+  """The plain backbone classifier (trunk + one layer4 + pool + linear), for baselines/bench."""
+  num_classes: int
+  backbone: str = 'resnet18'
+  width: int = 64
+  stem: str = 'reference'
+  last_stride: int = 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    h = Trunk(self.backbone, self.width, self.stem, self.dtype, name='trunk')(x, train=train)
+    h = Stage4(self.backbone, self.width, self.last_stride, self.dtype, name='layer4')(
+        h, train=train)
+    feats = pool(h)
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32, name='fc')(feats)
+    return logits, {'features': feats}
