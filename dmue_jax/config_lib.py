@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import ml_collections
 
+from dmue_jax.errors import UserError
+
 BACKBONES = ('resnet18', 'resnet34', 'resnet50', 'resnet50_ibn', 'resnet18_narrow')
 DATASETS = ('synthfer', 'rafdb', 'affectnet', 'affectnet7', 'ferplus', 'folder')
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A configuration value that cannot work; the message names the field and the fix."""
+  exit_code = 2
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -7,8 +7,13 @@ accept ordinary [B, ...] batches in any order and group them first.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
+import time
 from typing import Any
+
+from absl import logging
 
 import flax
 import jax
@@ -17,7 +22,14 @@ import ml_collections
 import numpy as np
 import optax
 
+from dmue_jax import checkpoints
+from dmue_jax import config_lib
+from dmue_jax import datasets
+from dmue_jax import input_pipeline
 from dmue_jax import losses
+from dmue_jax import metrics as metrics_lib
+from dmue_jax import parallel
+from dmue_jax.errors import UserError
 from dmue_jax.models import dmue as dmue_model
 
 Variables = dict[str, Any]
@@ -262,3 +274,213 @@ def eval_logits(variables: Variables, images, *, config):
 def predict_logits(variables: Variables, images, config):
   """[B, C] logits of the inference model (trunk + target branch + neck + target head)."""
   return jax.jit(functools.partial(eval_logits, config=config))(variables, jnp.asarray(images))
+
+
+# ------------------------------------------------------------------ the training loop
+class NonFiniteLossError(UserError):
+  """The loss became NaN or Inf; the run stops and keeps its last good checkpoint."""
+
+
+@dataclasses.dataclass
+class RunData:
+  """What the loop needs from the dataset: sources, (noisy) labels and bookkeeping."""
+  splits: Any
+  labels: np.ndarray         # [N] training labels after label noise
+  clean_labels: np.ndarray   # [N] annotated labels before noise
+  flipped: np.ndarray        # [N] bool, which labels the noise changed
+  steps_per_epoch: int
+
+
+def prepare_data(config) -> RunData:
+  """Loads the dataset, settles num_classes, applies label noise, derives steps per epoch."""
+  splits = datasets.load(config.input)
+  names = list(splits.class_names)
+  if config.input.dataset == 'folder' and config.model.num_classes == 0:
+    config.model.num_classes = len(names)
+  if config.model.num_classes != len(names):
+    raise config_lib.ConfigError(
+        f'config.model.num_classes={config.model.num_classes} but dataset '
+        f'{config.input.dataset!r} has {len(names)} classes ({", ".join(names)}); set '
+        f'--config.model.num_classes={len(names)}.')
+  clean = np.asarray(datasets.train_labels(splits), np.int64)
+  labels, flipped = input_pipeline.apply_label_noise(
+      clean, rate=config.input.label_noise, num_classes=len(names),
+      seed=config.input.label_noise_seed)
+  batch = config.input.batch_per_class * len(names)
+  spe = config.steps_per_epoch or max(1, len(clean) // batch)
+  return RunData(splits, labels, clean, flipped, int(spe))
+
+
+def initial_variables(config, rng) -> Variables:
+  """Random variables, or those of config.model.init_from (official torch weights)."""
+  if not config.model.init_from:
+    return init_variables(config, rng)
+  from dmue_jax import convert_torch  # pylint: disable=g-import-not-at-top
+  variables = convert_torch.load_official_checkpoint(config.model.init_from, config)
+  if not uses_dmue(config):
+    variables = dmue_model.inference_variables(variables)
+  return variables
+
+
+def evaluate_split(p_eval, variables, source, config, mesh) -> dict:
+  """Accuracy, mean class accuracy, per-class accuracy and confusion matrix on `source`."""
+  preds, labels = predict_split(p_eval, variables, source, config, mesh)
+  return metrics_lib.classification_summary(labels, preds, config.model.num_classes)
+
+
+def predict_split(p_eval, variables, source, config, mesh, *, return_logits=False):
+  """Runs the jitted eval function over a whole split; returns (preds, labels[, logits])."""
+  all_logits, all_labels = [], []
+  for batch in input_pipeline.eval_batches(
+      source, batch_size=config.input.eval_batch_size, image_size=config.input.image_size,
+      resize_size=config.input.resize_size, process_index=jax.process_index(),
+      process_count=jax.process_count()):
+    mask = parallel.to_host(parallel.global_batch(
+        {'m': batch['mask']}, parallel.eval_batch_sharding(mesh), 0)['m'])
+    glob = parallel.global_batch({'image': batch['image'], 'label': batch['label']},
+                                 parallel.eval_batch_sharding(mesh), 0)
+    logits = parallel.to_host(p_eval(variables, glob['image']))
+    all_logits.append(logits[mask])
+    all_labels.append(parallel.to_host(glob['label'])[mask])
+  logits = np.concatenate(all_logits)
+  labels = np.concatenate(all_labels)
+  preds = logits.argmax(axis=1)
+  return (preds, labels, logits) if return_logits else (preds, labels)
+
+
+def make_jitted_steps(config, mesh, steps_per_epoch: int):
+  """(train_step, eval_fn) jitted over the mesh: state replicated, batches sharded."""
+  repl = parallel.replicated(mesh)
+  p_train = jax.jit(
+      functools.partial(train_step, config=config, steps_per_epoch=steps_per_epoch),
+      in_shardings=(repl, parallel.train_batch_sharding(mesh), repl),
+      out_shardings=(repl, repl), donate_argnums=0)
+  p_eval = jax.jit(functools.partial(eval_logits, config=config),
+                   in_shardings=(repl, parallel.eval_batch_sharding(mesh)),
+                   out_shardings=parallel.eval_batch_sharding(mesh))
+  return p_train, p_eval
+
+
+def _meta(config, data: RunData, step: int) -> dict:
+  return {'step': int(step), 'epoch': int(step // data.steps_per_epoch),
+          'steps_per_epoch': data.steps_per_epoch, 'seed': int(config.seed),
+          'class_names': list(data.splits.class_names),
+          'num_classes': int(config.model.num_classes), 'dmue': bool(config.dmue.enabled),
+          'config': config.to_json()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from the latest checkpoint in workdir), evaluates, writes results.
+
+  Writes <workdir>/checkpoints, metrics.jsonl, tensorboard/, results.json and
+  confusion_matrix.png (process 0). Returns the results dict.
+  """
+  config_lib.validate(config)
+  parallel.initialize_distributed(config.parallel)
+  is_main = jax.process_index() == 0
+  data = prepare_data(config)
+  spe, c, k = data.steps_per_epoch, config.model.num_classes, config.input.batch_per_class
+  total_steps = config.num_epochs * spe
+  mesh = parallel.make_mesh()
+  parallel.check_divisible(k, config.input.eval_batch_size)
+  os.makedirs(workdir, exist_ok=True)
+
+  rng = jax.random.key(config.seed)
+  init_rng, dropout_rng = jax.random.split(rng)
+  state = create_train_state(config, init_rng, spe, variables=initial_variables(config, init_rng))
+  mgr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
+  start_step = 0
+  if mgr.latest_step() is not None:
+    state, _ = checkpoints.restore(mgr, mgr.latest_step(), state)
+    start_step = int(state.step)
+    logging.info('Resumed from %s at step %d.', mgr.directory, start_step)
+  state = jax.device_put(state, parallel.replicated(mesh))
+  p_train, p_eval = make_jitted_steps(config, mesh, spe)
+
+  writer = metrics_lib.MetricWriter(workdir) if is_main else None
+  if writer is not None:
+    writer.truncate_after(start_step)
+  batches = input_pipeline.TrainBatches(
+      data.splits.train, data.labels, num_classes=c, batch_per_class=k,
+      image_size=config.input.image_size, resize_size=config.input.resize_size,
+      augment=config.input.augment, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  progress = _progress(is_main and config.progress_bar, total_steps, start_step)
+  timer = _Throughput(c * k)
+  last_eval = None
+  for step, local in zip(range(start_step, total_steps),
+                         batches.iterate(start_step, num_steps=total_steps - start_step)):
+    batch = parallel.global_batch({'image': local['image'], 'label': local['label']},
+                                  parallel.train_batch_sharding(mesh), 1)
+    state, step_metrics = p_train(state, batch, dropout_rng)
+    loss = float(step_metrics['train_loss'])
+    if not np.isfinite(loss):
+      raise NonFiniteLossError(
+          f'the training loss became {loss} at step {step + 1} (epoch {step // spe}); the run '
+          f'stopped and the last good checkpoint in {mgr.directory} is kept. Lower the learning '
+          'rates (config.optim.*) or check the data.')
+    timer.tick()
+    done = step + 1
+    if progress is not None:
+      progress.update(1)
+      progress.set_postfix(loss=f'{loss:.4f}', img_s=f'{timer.rate():.1f}')
+    if writer is not None and (done % config.log_every_steps == 0 or done == total_steps):
+      writer.write(done, {'epoch': step // spe, **jax.device_get(step_metrics),
+                          'images_per_second': timer.rate()})
+    epoch_end = done % spe == 0
+    if epoch_end and ((done // spe) % config.eval_every_epochs == 0 or done == total_steps):
+      last_eval = evaluate_split(p_eval, state.variables, data.splits.test, config, mesh)
+      if writer is not None:
+        writer.write(done, {'epoch': done // spe - 1, **last_eval})
+      logging.info('step %d epoch %d: eval accuracy %.4f, mean class accuracy %.4f', done,
+                   done // spe - 1, last_eval['eval_accuracy'],
+                   last_eval['eval_mean_class_accuracy'])
+    if epoch_end or done % config.checkpoint_every_steps == 0 or done == total_steps:
+      ckpt_metrics = ({'eval_accuracy': last_eval['eval_accuracy']}
+                      if epoch_end and last_eval is not None else None)
+      checkpoints.save(mgr, done, state, _meta(config, data, done), metrics=ckpt_metrics)
+  if progress is not None:
+    progress.close()
+
+  if last_eval is None:  # resumed after the end, or no epoch end in this run
+    last_eval = evaluate_split(p_eval, state.variables, data.splits.test, config, mesh)
+  results = {**last_eval, 'steps': int(total_steps), 'epochs': int(config.num_epochs),
+             'steps_per_epoch': spe, 'train_images_per_second': timer.rate(),
+             'class_names': list(data.splits.class_names), 'dmue': bool(config.dmue.enabled),
+             'num_devices': jax.device_count(), 'num_processes': jax.process_count()}
+  if is_main:
+    metrics_lib.write_json(os.path.join(workdir, 'results.json'), results)
+    metrics_lib.plot_confusion_matrix(np.asarray(results['confusion_matrix']),
+                                      data.splits.class_names,
+                                      os.path.join(workdir, 'confusion_matrix.png'))
+    writer.close()
+  mgr.close()
+  return results
+
+
+class _Throughput:
+  """Images per second over the steps of this run, the first (compiling) step excluded."""
+
+  def __init__(self, images_per_step: int):
+    self.images_per_step = images_per_step
+    self.start = None
+    self.count = 0
+
+  def tick(self):
+    if self.start is None:
+      self.start = time.perf_counter()
+    else:
+      self.count += 1
+
+  def rate(self) -> float:
+    if not self.count:
+      return 0.0
+    return self.count * self.images_per_step / (time.perf_counter() - self.start)
+
+
+def _progress(enabled: bool, total: int, initial: int):
+  if not enabled:
+    return None
+  import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm.tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
+                   desc='train')

@@ -107,7 +107,7 @@ class BatchNorm(nn.Module):
     if not self.is_initializing():
       new_mean, new_var = ra_mean.value, ra_var.value
       for i, (mean, var, count) in enumerate(zip(means, variances, counts)):
-        unbiased = var * (count / max(count - 1, 1))
+        unbiased = var * (count / jnp.maximum(jnp.asarray(count, jnp.float32) - 1, 1))
         upd_mean = (1 - self.momentum) * new_mean + self.momentum * mean
         upd_var = (1 - self.momentum) * new_var + self.momentum * unbiased
         if merge is not None and i == 1:
@@ -133,7 +133,8 @@ def _maybe_merge(means, variances, counts, merge):
   m = (n1 * m1 + n2 * m2) / n
   v = (n1 * (v1 + jnp.square(m1 - m)) + n2 * (v2 + jnp.square(m2 - m))) / n
   pick = lambda a, b: jnp.where(merge, a, b)
-  return ([pick(m, m1), pick(m, m2)], [pick(v, v1), pick(v, v2)], [n, n])
+  return ([pick(m, m1), pick(m, m2)], [pick(v, v1), pick(v, v2)],
+          [pick(float(n), float(n1)), pick(float(n), float(n2))])
 
 
 class InstanceNorm(nn.Module):

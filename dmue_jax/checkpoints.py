@@ -1,0 +1,80 @@
+"""Orbax checkpoints of the train state: save, resume from the latest, restore the best.
+
+Layout: <workdir>/checkpoints/<step>/{state, meta}. `state` is the TrainState pytree (params,
+batch statistics, optimiser state, step); `meta` is JSON (epoch, the step's data position, the
+RNG seed, class names). The data position and the dropout RNG are pure functions of the step,
+so restoring the state is enough for a resumed run to continue bit for bit.
+
+The newest `keep` checkpoints are kept, plus the best one by eval accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from dmue_jax.errors import UserError
+
+
+class CheckpointError(UserError):
+  """A checkpoint that cannot be read; the message names the path and the fix."""
+
+
+def manager(workdir: str, *, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  policy = pp.AnyPreservationPolicy([
+      pp.LatestN(n=keep),
+      pp.BestN(get_metric_fn=lambda m: m['eval_accuracy'], n=1,
+               keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=None if read_only else policy, create=not read_only,
+      read_only=read_only,
+      # Synchronous saves: a run killed right after a save still has it complete on disk.
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
+         metrics: dict | None = None) -> None:
+  """Saves `state` and JSON `meta` at `step` (a no-op when that step is already saved)."""
+  if step in mgr.all_steps():
+    return
+  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                         meta=ocp.args.JsonSave(meta)),
+           metrics=metrics, force=True)
+  mgr.wait_until_finished()
+
+
+def restore(mgr: ocp.CheckpointManager, step: int, target: Any):
+  """Restores (state, meta) at `step`; `target` is a state (or its shapes) to restore into."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  try:
+    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                    meta=ocp.args.JsonRestore()))
+  except Exception as e:  # orbax raises many types; the user needs one clear message.
+    raise CheckpointError(
+        f'cannot restore checkpoint step {step} from {mgr.directory}: {type(e).__name__}: '
+        f'{str(e).splitlines()[0] if str(e) else ""}. It may be from another model or number '
+        'of classes (check --config), or damaged: delete that step folder to fall back to '
+        'an older checkpoint.') from e
+  return out['state'], out['meta']
+
+
+def best_step(mgr: ocp.CheckpointManager) -> int | None:
+  """The kept step with the highest eval accuracy; the latest step if none has metrics."""
+  best, best_acc = None, None
+  for step in mgr.all_steps():
+    metrics = mgr.metrics(step) if hasattr(mgr, 'metrics') else None
+    acc = metrics.get('eval_accuracy') if metrics else None
+    if acc is not None and (best_acc is None or acc > best_acc):
+      best, best_acc = step, acc
+  return best if best is not None else mgr.latest_step()
+
+
+def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
+  return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']

@@ -1,0 +1,91 @@
+"""Device mesh, multi-process start-up and global arrays for data-parallel training.
+
+One jitted step runs over a 1-D mesh with axis 'data'. Training batches [C, k, H, W, 3] are
+sharded along k (each device holds k/N samples of *every* class); the train state is
+replicated. Because the step is one global jit program (no pmap, no per-device code), XLA
+inserts the collectives: BatchNorm statistics, the class-similarity means and the Gram matrices
+are over the global batch, so N devices compute what one device computes (unlike the
+reference's DataParallel, SPEC Q6).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dmue_jax.config_lib import ConfigError
+
+
+def initialize_distributed(parallel_config) -> None:
+  """Starts jax.distributed when several processes are asked for (config or environment).
+
+  Fields (config.parallel): coordinator_address ('host:port'), num_processes, process_id.
+  The environment variables DMUE_COORDINATOR, DMUE_NUM_PROCESSES, DMUE_PROCESS_ID override
+  them. On TPU pods with nothing set, JAX finds the peers itself (`jax.distributed.initialize()`
+  without arguments) when DMUE_AUTO_DISTRIBUTED=1.
+  """
+  address = os.environ.get('DMUE_COORDINATOR', parallel_config.coordinator_address)
+  count = int(os.environ.get('DMUE_NUM_PROCESSES', parallel_config.num_processes))
+  pid = int(os.environ.get('DMUE_PROCESS_ID', parallel_config.process_id))
+  if os.environ.get('DMUE_AUTO_DISTRIBUTED') == '1':
+    jax.distributed.initialize()
+  elif count > 1:
+    if not address:
+      raise ConfigError('config.parallel.num_processes > 1 needs '
+                       'config.parallel.coordinator_address (host:port of process 0).')
+    jax.distributed.initialize(coordinator_address=address, num_processes=count,
+                               process_id=pid)
+
+
+def make_mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh over every device of every process, axis 'data'."""
+  return jax.make_mesh((jax.device_count(),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def train_batch_sharding(mesh) -> NamedSharding:
+  """[C, k, ...]: the per-class axis k split over devices."""
+  return NamedSharding(mesh, P(None, 'data'))
+
+
+def eval_batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P('data'))
+
+
+def check_divisible(batch_per_class: int, eval_batch_size: int) -> None:
+  """A clear config error when a batch cannot be split evenly over the devices."""
+  n = jax.device_count()
+  if batch_per_class % n:
+    raise ConfigError(f'config.input.batch_per_class={batch_per_class} cannot be split over '
+                     f'{n} devices: use a multiple of {n}.')
+  if eval_batch_size % n:
+    raise ConfigError(f'config.input.eval_batch_size={eval_batch_size} cannot be split over '
+                     f'{n} devices: use a multiple of {n}.')
+
+
+def global_batch(local: dict, sharding: NamedSharding, axis: int) -> dict:
+  """Assembles each process's share (split on `axis`) into global jax.Arrays."""
+  count = jax.process_count()
+
+  def make(x):
+    x = np.asarray(x)
+    shape = list(x.shape)
+    shape[axis] *= count
+    return jax.make_array_from_process_local_data(sharding, x, tuple(shape))
+
+  return {name: make(v) for name, v in local.items()}
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-process) global array as one NumPy array on every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

@@ -1,0 +1,210 @@
+"""The model, the train step and the optimiser on tiny synthetic batches."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import parameterized
+
+from configs import rafdb
+from dmue_jax import train
+from dmue_jax.models import dmue as dmue_model
+from dmue_jax.models import resnet
+
+SIZE = 32
+
+
+def tiny_config(num_classes=7, **model):
+  config = rafdb.get_config()
+  config.model.num_classes = num_classes
+  config.model.backbone = 'resnet18_narrow'
+  config.input.image_size = SIZE
+  for k, v in model.items():
+    config.model[k] = v
+  return config
+
+
+def grouped_batch(num_classes, k, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(num_classes, k, SIZE, SIZE, 3)).astype(np.float32)
+  labels = np.repeat(np.arange(num_classes), k).reshape(num_classes, k).astype(np.int32)
+  return {'image': jnp.asarray(images), 'label': jnp.asarray(labels)}
+
+
+class ModelTest(parameterized.TestCase):
+
+  @parameterized.parameters(7, 8)
+  def test_training_output_shapes(self, c):
+    config = tiny_config(c)
+    model = train.make_model(config)
+    variables = model.init(jax.random.key(0), SIZE)
+    k, d = 2, model.feature_dim
+    out, stats = model.apply_train(variables, grouped_batch(c, k)['image'])
+    chex.assert_shape(out['aux_logits'], (c, (c - 1) * k, c - 1))
+    chex.assert_shape(out['latent_logits'], (c, k, c - 1))
+    chex.assert_shape(out['target_logits'], (c, k, c))
+    chex.assert_shape(out['target_feats'], (c, k, d))
+    chex.assert_shape(out['z'], (c, k, d))
+    chex.assert_trees_all_equal_shapes(stats, variables['batch_stats'])
+    chex.assert_shape(variables['params']['aux_heads']['kernel'], (c, d, c - 1))
+    chex.assert_shape(variables['params']['head']['kernel'], (d, c))
+    leaves = jax.tree.leaves(variables['params']['branches'])
+    self.assertTrue(all(x.shape[0] == c + 1 for x in leaves))
+
+  def test_loop_and_vmap_branches_agree(self):
+    batch = grouped_batch(7, 2)
+    results = {}
+    for mode in ('loop', 'vmap'):
+      config = tiny_config(7, branch_mode=mode)
+      variables = train.init_variables(config, jax.random.key(1))
+      out, stats = train.make_model(config).apply_train(variables, batch['image'])
+      results[mode] = (out, stats)
+    chex.assert_trees_all_close(results['loop'], results['vmap'], rtol=2e-4, atol=2e-5)
+
+  def test_inference_model_equals_target_path_in_eval_mode(self):
+    config = tiny_config(7)
+    model = train.make_model(config)
+    variables = model.init(jax.random.key(2), SIZE)
+    # Give the running statistics non-trivial values with one training pass.
+    _, stats = model.apply_train(variables, grouped_batch(7, 2)['image'])
+    variables = {'params': variables['params'], 'batch_stats': stats}
+    images = grouped_batch(7, 2, seed=3)['image'].reshape(14, SIZE, SIZE, 3)
+    got = train.predict_logits(variables, images, config)
+    # The target path by hand: trunk, branch C, pool, neck, head, all in eval mode.
+    p, s = variables['params'], variables['batch_stats']
+    h = model.trunk.apply({'params': p['trunk'], 'batch_stats': s['trunk']}, images,
+                          train=False)
+    last = lambda t: jax.tree.map(lambda a: a[-1], t)
+    h = model.stage.apply({'params': last(p['branches']), 'batch_stats': last(s['branches'])},
+                          h, train=False)
+    z = dmue_model.Neck().apply({'params': p['neck'], 'batch_stats': s['neck']},
+                                resnet.pool(h), train=False)
+    want = z @ p['head']['kernel']
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    chex.assert_shape(got, (14, 7))
+
+  def test_batchnorm_matches_pytorch_semantics(self):
+    x = jnp.asarray(np.random.default_rng(0).normal(2.0, 3.0, size=(6, 4, 4, 5)), jnp.float32)
+    bn = resnet.BatchNorm()
+    variables = bn.init(jax.random.key(0), x, train=False)
+    y, new = bn.apply(variables, x, train=True, mutable=['batch_stats'])
+    xn = np.asarray(x).reshape(-1, 5)
+    mean, var = xn.mean(0), xn.var(0)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 5), (xn - mean) / np.sqrt(var + 1e-5),
+                               rtol=1e-4, atol=1e-5)
+    unbiased = xn.var(0, ddof=1)
+    np.testing.assert_allclose(new['batch_stats']['mean'], 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(new['batch_stats']['var'], 0.9 + 0.1 * unbiased, rtol=1e-5)
+
+  def test_batchnorm_segments_equal_separate_calls(self):
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(10, 3, 3, 4)), jnp.float32)
+    bn = resnet.BatchNorm()
+    v = bn.init(jax.random.key(0), x, train=False)
+    y_seg, s_seg = bn.apply(v, x, train=True, segments=(6, 4), mutable=['batch_stats'])
+    y1, s1 = bn.apply(v, x[:6], train=True, mutable=['batch_stats'])
+    y2, s2 = bn.apply({'params': v['params'], **s1}, x[6:], train=True, mutable=['batch_stats'])
+    np.testing.assert_allclose(y_seg, jnp.concatenate([y1, y2]), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(s_seg, s2, rtol=1e-6)
+
+
+class TrainStepTest(chex.TestCase):
+
+  def test_train_step_traces_once_and_loss_falls(self):
+    config = tiny_config(7)
+    config.optim.backbone_lr = ((100, 1e-3),)
+    config.optim.head_lr = ((100, 3e-3),)
+    # One step per epoch and a tiny ramp_a: every term at (nearly) full weight from step 1.
+    config.dmue.ramp_a = 0.01
+    state = train.create_train_state(config, jax.random.key(0), steps_per_epoch=1)
+    batch = grouped_batch(7, 2)
+    flat_images = batch['image'].reshape((14, SIZE, SIZE, 3))
+    flat_labels = np.asarray(batch['label']).reshape(-1)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(state, batch, rng):
+      return train.train_step(state, batch, rng, config=config, steps_per_epoch=1)
+
+    before = train.loss_terms(state.variables, flat_images, flat_labels, epoch=20,
+                              config=config)
+    first_params = state.params
+    for _ in range(20):
+      state, metrics = step(state, batch, jax.random.key(1))
+      self.assertTrue(np.isfinite(float(metrics['train_loss'])))
+    after = train.loss_terms(state.variables, flat_images, flat_labels, epoch=20, config=config)
+    self.assertLess(float(after['total']), 0.7 * float(before['total']))
+    self.assertLess(float(after['ce']), float(before['ce']))
+    self.assertEqual(int(state.step), 20)
+    # Q2: the PUE MLP and the neck never change; the heads and trunk do.
+    chex.assert_trees_all_equal(state.params['pue'], first_params['pue'])
+    chex.assert_trees_all_equal(state.params['neck'], first_params['neck'])
+    self.assertFalse(np.allclose(state.params['head']['kernel'], first_params['head']['kernel']))
+
+  def test_paper_variant_learns_pue_and_neck_scale(self):
+    config = tiny_config(7)
+    config.dmue.freeze_pue = False
+    config.dmue.freeze_neck = False
+    config.dmue.sp_on_aux_logits = False
+    config.dmue.ramp_a = 1.0
+    state = train.create_train_state(config, jax.random.key(0), steps_per_epoch=5)
+    first = state.params
+    state, metrics = jax.jit(functools.partial(train.train_step, config=config,
+                                               steps_per_epoch=5))(
+        state, grouped_batch(7, 2), jax.random.key(1))
+    self.assertTrue(np.isfinite(float(metrics['train_loss'])))
+    self.assertFalse(np.allclose(state.params['pue']['fc1']['kernel'],
+                                 first['pue']['fc1']['kernel']))
+    self.assertFalse(np.allclose(state.params['neck']['bn']['scale'],
+                                 first['neck']['bn']['scale']))
+    np.testing.assert_array_equal(state.params['neck']['bn']['bias'], first['neck']['bn']['bias'])
+
+  def test_loss_terms_invariant_to_batch_order(self):
+    config = tiny_config(8)
+    variables = train.init_variables(config, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.repeat(np.arange(8), 2))
+    images = rng.normal(size=(16, SIZE, SIZE, 3)).astype(np.float32)
+    a = train.loss_terms(variables, images, labels, epoch=3, config=config)
+    perm = rng.permutation(16)
+    b = train.loss_terms(variables, images[perm], labels[perm], epoch=3, config=config)
+    self.assertEqual(set(a), {'total', 'ce', 'soft', 'sp', 'aux'})
+    chex.assert_trees_all_close(a, b, rtol=1e-5)
+
+  def test_loss_terms_rejects_unbalanced_batch(self):
+    config = tiny_config(7)
+    variables = train.init_variables(config, jax.random.key(0))
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 6])
+    with self.assertRaisesRegex(ValueError, 'exactly k'):
+      train.loss_terms(variables, np.zeros((15, SIZE, SIZE, 3), np.float32), labels, epoch=0,
+                       config=config)
+
+  def test_adam_matches_pytorch_adam_with_weight_decay(self):
+    # One parameter, three steps, by the PyTorch Adam formulas with L2 added to the gradient.
+    config = tiny_config(7)
+    tx = train._torch_adam(lambda _: 0.1, config.optim)  # pylint: disable=protected-access
+    p = jnp.asarray([1.0, -2.0])
+    state = tx.init(p)
+    m = v = np.zeros(2)
+    ref = np.asarray(p)
+    for t in range(1, 4):
+      g = np.asarray([0.5, 0.25]) * t
+      updates, state = tx.update(jnp.asarray(g), state, p)
+      p = optax.apply_updates(p, updates)
+      g2 = g + 1e-4 * ref
+      m = 0.9 * m + 0.1 * g2
+      v = 0.999 * v + 0.001 * g2 ** 2
+      ref = ref - 0.1 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    np.testing.assert_allclose(np.asarray(p), ref, rtol=1e-5)
+
+  def test_learning_rates_follow_reference_epochs(self):
+    config = tiny_config(7)
+    fn = train.piecewise_by_epoch(config.optim.backbone_lr, steps_per_epoch=10)
+    head = train.piecewise_by_epoch(config.optim.head_lr, steps_per_epoch=10)
+    for epoch, lr_b, lr_h in [(0, 1e-4, 1e-3), (5, 1e-4, 5e-4), (6, 5e-5, 5e-4),
+                              (13, 1e-5, 1e-4), (14, 1e-5, 1e-5), (23, 5e-5, 5e-5),
+                              (30, 1e-5, 1e-5)]:
+      self.assertAlmostEqual(float(fn(epoch * 10 + 3)), lr_b, places=9)
+      self.assertAlmostEqual(float(head(epoch * 10 + 3)), lr_h, places=9)
