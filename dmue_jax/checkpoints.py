@@ -10,6 +10,7 @@ The newest `keep` checkpoints are kept, plus the best one by eval accuracy.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -78,3 +79,30 @@ def best_step(mgr: ocp.CheckpointManager) -> int | None:
 
 def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
   return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+
+def config_from_meta(meta: dict):
+  """The run's ConfigDict, rebuilt from the JSON saved with every checkpoint."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(json.loads(meta['config']))
+
+
+def open_run(workdir: str, step: int | None = None):
+  """(manager, step, meta) of `workdir`'s best (or given) checkpoint, read-only.
+
+  Raises CheckpointError naming the workdir when it holds no checkpoint.
+  """
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise CheckpointError(f'no checkpoints in {directory}: pass the --workdir of a training run '
+                          '(python -m dmue_jax.main ... --workdir DIR).')
+  mgr = manager(workdir, read_only=True)
+  if step is None:
+    step = best_step(mgr)
+  if step is None:
+    raise CheckpointError(f'{directory} holds no complete checkpoint; train first.')
+  try:
+    meta = read_meta(mgr, step)
+  except Exception as e:  # a damaged or foreign folder
+    raise CheckpointError(f'cannot read checkpoint step {step} in {directory}: {e}') from e
+  return mgr, step, meta

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import signal
 import time
 from typing import Any
 
@@ -427,6 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if writer is not None and (done % config.log_every_steps == 0 or done == total_steps):
       writer.write(done, {'epoch': step // spe, **jax.device_get(step_metrics),
                           'images_per_second': timer.rate()})
+      _maybe_die_for_test(done)
     epoch_end = done % spe == 0
     if epoch_end and ((done // spe) % config.eval_every_epochs == 0 or done == total_steps):
       last_eval = evaluate_split(p_eval, state.variables, data.splits.test, config, mesh)
@@ -456,6 +458,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
   mgr.close()
   return results
+
+
+def _maybe_die_for_test(step: int) -> None:
+  """Tests set DMUE_TEST_KILL_AFTER_STEP=N to SIGKILL the run right after step N is logged,
+  a real crash at a deterministic point for the exact-resume test."""
+  if os.environ.get('DMUE_TEST_KILL_AFTER_STEP') == str(step):
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Throughput:

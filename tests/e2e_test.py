@@ -1,0 +1,114 @@
+"""End to end: the training command on the embedded SynthFER data, resume, kill and restart."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from configs import default
+from dmue_jax import metrics as metrics_lib
+from dmue_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(tmp_cache):
+  config = default.get_config('tiny')
+  config.input.cache_dir = str(tmp_cache)
+  config.progress_bar = False
+  config.analyze_at_end = False
+  return config
+
+
+def run_main(workdir, cache, *extra, env_extra=None, check=True):
+  env = dict(os.environ, PYTHONPATH=ROOT, **(env_extra or {}))
+  cmd = [sys.executable, '-m', 'dmue_jax.main', '--config', 'configs/default.py:tiny',
+         '--workdir', str(workdir), f'--config.input.cache_dir={cache}',
+         '--config.progress_bar=False', '--config.analyze_at_end=False', *extra]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f'{cmd} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
+  return proc
+
+
+def train_losses(workdir):
+  recs = metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  return {r['step']: r['train_loss'] for r in recs if 'train_loss' in r}
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+  return tmp_path_factory.mktemp('tfds')
+
+
+def test_train_and_evaluate_then_resume(tmp_path, cache):
+  workdir = str(tmp_path / 'run')
+  config = tiny_config(cache)
+  results = train.train_and_evaluate(config, workdir)
+  for name in ('eval_accuracy', 'eval_mean_class_accuracy', 'per_class_accuracy',
+               'confusion_matrix', 'steps', 'train_images_per_second'):
+    assert name in results
+  assert results['steps'] == 6
+  assert os.path.exists(os.path.join(workdir, 'results.json'))
+  assert os.path.getsize(os.path.join(workdir, 'confusion_matrix.png')) > 1000
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  losses = train_losses(workdir)
+  assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+  evals = [r for r in metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+           if 'eval_accuracy' in r]
+  assert [r['step'] for r in evals] == [3, 6]
+  # The same command again resumes at the end: no step is trained twice.
+  mtime = os.path.getmtime(os.path.join(workdir, 'metrics.jsonl'))
+  again = train.train_and_evaluate(tiny_config(cache), workdir)
+  assert train_losses(workdir) == losses
+  assert again['eval_accuracy'] == results['eval_accuracy']
+  # More epochs on the same workdir continue from step 6 instead of restarting.
+  config = tiny_config(cache)
+  config.num_epochs = 3
+  train.train_and_evaluate(config, workdir)
+  longer = train_losses(workdir)
+  assert sorted(longer) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+  assert all(longer[s] == losses[s] for s in losses)
+  assert os.path.getmtime(os.path.join(workdir, 'metrics.jsonl')) >= mtime
+
+
+def test_killed_and_restarted_run_equals_uninterrupted(tmp_path, cache):
+  whole, broken = tmp_path / 'whole', tmp_path / 'broken'
+  run_main(whole, cache)
+  # SIGKILL right after step 5 was logged; the last checkpoint is step 4.
+  proc = run_main(broken, cache, env_extra={'DMUE_TEST_KILL_AFTER_STEP': '5'}, check=False)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  assert not os.path.exists(broken / 'results.json')
+  run_main(broken, cache)
+  assert train_losses(broken) == train_losses(whole)
+  a = json.loads((whole / 'results.json').read_text())
+  b = json.loads((broken / 'results.json').read_text())
+  assert a['eval_accuracy'] == b['eval_accuracy']
+  assert a['confusion_matrix'] == b['confusion_matrix']
+
+
+@pytest.mark.parametrize('override, needle', [
+    ('--config.input.batch_per_klass=4', 'batch_per_klass'),
+    ('--config.input.batch_per_class=four', 'batch_per_class'),
+    ('--config.model.backbone=vgg', 'config.model.backbone'),
+])
+def test_bad_override_is_one_clear_error(tmp_path, override, needle):
+  proc = run_main(tmp_path / 'bad', tmp_path / 'cache', override, check=False)
+  assert proc.returncode != 0
+  assert 'Traceback' not in proc.stderr
+  assert needle in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith('error:')
+
+
+def test_missing_dataset_is_one_clear_error(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'dmue_jax.main', '--config', 'configs/rafdb.py:runlocal',
+       '--workdir', str(tmp_path / 'w'), f'--config.input.data_dir={tmp_path / "nowhere"}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert 'Traceback' not in proc.stderr
+  assert 'nowhere' in proc.stderr
