@@ -40,4 +40,6 @@ def get_config(arg=None):
     config.input.synthfer_num_test = 35
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
+    # Seconds-long runs are dominated by compilation, which vmap halves (one branch body).
+    config.model.branch_mode = 'vmap'
   return config

@@ -54,7 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.backbone = 'resnet18'
   config.model.num_classes = 7
   config.model.width = 64             # base width of the ResNet (64 = the standard nets)
-  config.model.stem = 'reference'     # 'reference' = Q1 (no ReLU, 2x2 max-pool); 'standard'
+  # 'auto' = what the reference builds: its ResNet stem (Q1: no ReLU, 2x2 max-pool) for
+  # ResNet-18/34/50, the usual ReLU + 3x3/2 pool for ResNet-50-IBN-a. Or 'reference' /
+  # 'standard' explicitly.
+  config.model.stem = 'auto'
   config.model.last_stride = 2
   config.model.pooling = 'gap'        # 'gap' or 'gem'
   config.model.bnneck = True
@@ -94,6 +97,13 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def resolve_stem(stem: str, backbone: str) -> str:
+  """'auto' -> the stem the reference uses with that backbone."""
+  if stem != 'auto':
+    return stem
+  return 'standard' if backbone == 'resnet50_ibn' else 'reference'
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the field when a value cannot work."""
   m, i, d = config.model, config.input, config.dmue
@@ -113,8 +123,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if i.image_size < 32 or i.resize_size < i.image_size:
     raise ConfigError(f'config.input.image_size={i.image_size} must be >= 32 and at most '
                       f'config.input.resize_size={i.resize_size}.')
-  if m.stem not in ('reference', 'standard'):
-    raise ConfigError(f"config.model.stem={m.stem!r}: use 'reference' or 'standard'.")
+  if m.stem not in ('auto', 'reference', 'standard'):
+    raise ConfigError(f"config.model.stem={m.stem!r}: use 'auto', 'reference' or 'standard'.")
   if m.pooling not in ('gap', 'gem'):
     raise ConfigError(f"config.model.pooling={m.pooling!r}: use 'gap' or 'gem'.")
   if m.branch_mode not in ('auto', 'vmap', 'loop'):

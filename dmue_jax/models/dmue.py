@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmue_jax import config_lib
 from dmue_jax.models import resnet
 
 Variables = dict[str, Any]
@@ -104,7 +105,8 @@ class DMUEModel:
   def from_config(cls, model_config) -> 'DMUEModel':
     mode = model_config.branch_mode
     return cls(num_classes=model_config.num_classes, backbone=model_config.backbone,
-               width=model_config.width, stem=model_config.stem,
+               width=model_config.width,
+               stem=config_lib.resolve_stem(model_config.stem, model_config.backbone),
                last_stride=model_config.last_stride, pooling=model_config.pooling,
                bnneck=model_config.bnneck, dropout=model_config.dropout,
                branch_mode=default_branch_mode() if mode == 'auto' else mode,

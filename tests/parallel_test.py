@@ -1,0 +1,107 @@
+"""Data parallelism: N devices and N processes compute what one device computes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, 'tests', 'parallel_worker.py')
+
+
+def env_with(**extra):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop('XLA_FLAGS', None)
+  env.update(extra)
+  return env
+
+
+def run_worker(out, steps, **env):
+  proc = subprocess.run([sys.executable, WORKER, str(out), str(steps)], cwd=ROOT,
+                        env=env_with(**env), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return np.load(out)
+
+
+def assert_same_training(a, b):
+  """Losses to rtol 1e-5; parameters to rtol 1e-5 with atol 1e-5: a sharded reduction sums in
+  another order, and Adam divides by sqrt(v), so an entry whose gradient is ~0 can move by up
+  to ~lr * 1e-2 either way. 1e-5 is 1 % of one step of the heads' learning rate."""
+  np.testing.assert_allclose(a['losses'], b['losses'], rtol=1e-5, atol=1e-6)
+  params = [k for k in a.files if k.startswith("['params']")]
+  assert params
+  for k in params + [k for k in a.files if k.startswith("['batch_stats']")]:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+@pytest.fixture(scope='module')
+def one_device(tmp_path_factory):
+  return run_worker(tmp_path_factory.mktemp('one') / 'one.npz', 3)
+
+
+def test_four_devices_equal_one(one_device, tmp_path):
+  four = run_worker(tmp_path / 'four.npz', 3,
+                    XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  assert int(four['devices']) == 4 and int(one_device['devices']) == 1
+  assert_same_training(one_device, four)
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(one_device, tmp_path):
+  port = free_port()
+  procs = []
+  for pid in range(2):
+    env = env_with(DMUE_COORDINATOR=f'127.0.0.1:{port}', DMUE_NUM_PROCESSES='2',
+                   DMUE_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen([sys.executable, WORKER, str(tmp_path / 'two.npz'), '2'],
+                                  cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  two = np.load(tmp_path / 'two.npz')
+  assert int(two['devices']) == 2
+  np.testing.assert_allclose(two['losses'], one_device['losses'][:2], rtol=1e-5, atol=1e-6)
+
+
+def main_losses(workdir, devices):
+  env = env_with(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'dmue_jax.main', '--config', 'configs/default.py:tiny',
+       '--workdir', str(workdir), '--config.log_every_steps=1',
+       '--config.input.batch_per_class=4', '--config.progress_bar=False',
+       '--config.analyze_at_end=False', '--config.num_epochs=1',
+       f'--config.input.cache_dir={workdir.parent / "tfds"}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / 'metrics.jsonl') as f:
+    recs = [json.loads(line) for line in f]
+  return [(r['step'], r['train_loss']) for r in recs if 'train_loss' in r]
+
+
+def test_main_logs_same_losses_on_one_and_four_devices(tmp_path):
+  one = main_losses(tmp_path / 'one', 1)
+  four = main_losses(tmp_path / 'four', 4)
+  assert [s for s, _ in one] == [1, 2, 3]
+  assert [s for s, _ in four] == [s for s, _ in one]
+  np.testing.assert_allclose([l for _, l in four], [l for _, l in one], rtol=1e-5)
+
+
+def test_uneven_split_is_a_config_error(tmp_path):
+  env = env_with(XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'dmue_jax.main', '--config', 'configs/default.py:tiny',
+       '--workdir', str(tmp_path / 'w'), '--config.input.batch_per_class=3',
+       f'--config.input.cache_dir={tmp_path / "tfds"}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2
+  assert 'batch_per_class=3' in proc.stderr and 'Traceback' not in proc.stderr
