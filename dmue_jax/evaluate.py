@@ -20,9 +20,13 @@ from dmue_jax import parallel
 from dmue_jax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory of a training run.')
-flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the best).')
-flags.mark_flags_as_required(['workdir'])
+
+
+def _define_flags():
+  # Defined only when run as a command, so notebooks can import this module next to others.
+  flags.DEFINE_string('workdir', None, 'Directory of a training run.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the best).')
+  flags.mark_flags_as_required(['workdir'])
 
 
 def evaluate(workdir: str, step: int | None = None) -> dict:
@@ -52,4 +56,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   cli.run(main)
