@@ -34,6 +34,8 @@ def manager(workdir: str, *, keep: int = 3, read_only: bool = False) -> ocp.Chec
   ])
   options = ocp.CheckpointManagerOptions(
       preservation_policy=None if read_only else policy, create=not read_only,
+      # best_fn also makes orbax write each step's metrics to disk (best_step reads them).
+      best_fn=lambda m: m['eval_accuracy'], best_mode='max',
       read_only=read_only,
       # Synchronous saves: a run killed right after a save still has it complete on disk.
       enable_async_checkpointing=False)

@@ -35,8 +35,10 @@ def evaluate(workdir: str, step: int | None = None) -> dict:
   config = checkpoints.config_from_meta(meta)
   config_lib.validate(config)
   data = train.prepare_data(config)
-  state = train.create_train_state(config, jax.random.key(0), data.steps_per_epoch)
-  state, _ = checkpoints.restore(mgr, step, state)
+  # Shapes only: building real initial variables would take tens of seconds on a CPU.
+  target = jax.eval_shape(lambda key: train.create_train_state(config, key, data.steps_per_epoch),
+                          jax.random.key(0))
+  state, _ = checkpoints.restore(mgr, step, target)
   mesh = parallel.make_mesh()
   _, p_eval = train.make_jitted_steps(config, mesh, data.steps_per_epoch)
   variables = jax.device_put(state.variables, parallel.replicated(mesh))

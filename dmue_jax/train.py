@@ -46,7 +46,14 @@ def uses_dmue(config) -> bool:
 
 
 def init_variables(config, rng: jax.Array) -> Variables:
-  """Random training variables (the inference layout for the plain-CE baseline)."""
+  """Random training variables (the inference layout for the plain-CE baseline).
+
+  Jitted: run eagerly, Flax's init executes every layer op by op (tens of seconds on a CPU).
+  """
+  return jax.jit(functools.partial(_init_variables, config))(rng)
+
+
+def _init_variables(config, rng: jax.Array) -> Variables:
   model = make_model(config)
   if uses_dmue(config):
     return model.init(rng, config.input.image_size)
@@ -388,13 +395,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
-  state = create_train_state(config, init_rng, spe, variables=initial_variables(config, init_rng))
   mgr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
   start_step = 0
   if mgr.latest_step() is not None:
-    state, _ = checkpoints.restore(mgr, mgr.latest_step(), state)
+    target = jax.eval_shape(lambda key: create_train_state(config, key, spe), init_rng)
+    state, _ = checkpoints.restore(mgr, mgr.latest_step(), target)
     start_step = int(state.step)
     logging.info('Resumed from %s at step %d.', mgr.directory, start_step)
+  else:
+    state = create_train_state(config, init_rng, spe,
+                               variables=initial_variables(config, init_rng))
   state = jax.device_put(state, parallel.replicated(mesh))
   p_train, p_eval = make_jitted_steps(config, mesh, spe)
 
@@ -457,6 +467,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       os.path.join(workdir, 'confusion_matrix.png'))
     writer.close()
   mgr.close()
+  if config.analyze_at_end and uses_dmue(config):
+    from dmue_jax import analyze  # pylint: disable=g-import-not-at-top (analyze imports train)
+    results.update(analyze.analyze(workdir, config=config, state=state, data=data))
   return results
 
 
