@@ -1,0 +1,163 @@
+"""The datasets DMUE trains on, as random-access splits of decoded examples.
+
+    splits = datasets.load(config.input)
+    example = splits.train[0]   # {'image': uint8 [H, W, 3], 'label': int,
+                                #  'distribution': float32 [C], 'index': int}
+    labels = datasets.train_labels(splits)   # int64 [N], without decoding any image
+
+`config.input.dataset` picks one of: 'synthfer' (generated here, nothing to download),
+'rafdb', 'affectnet' (8 classes), 'affectnet7' (contempt dropped), 'ferplus' (majority
+protocol) and 'folder' (<data_dir>/<split>/<class>/*.jpg). The licensed datasets are read
+from `config.input.data_dir` as their authors ship them; the first load turns them into a
+TFDS dataset (array_record files) under `config.input.cache_dir` (empty = <data_dir>/tfds;
+for SynthFER a per-user cache, ~/.cache/dmue_jax/tfds), and later loads only open those
+files: delete <cache_dir>/<dataset> to prepare again after changing the data dir's files.
+No TensorFlow needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+from absl import logging
+import numpy as np
+
+
+class DatasetError(Exception):
+  """The dataset cannot be loaded; the message names what is missing and how to get it."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Source:
+  """One split: `len(src)`, `src[i]` -> example dict, and every label without decoding.
+
+  Attributes:
+    data: the TFDS array_record data source (decodes the image on access).
+    labels: int64 [len(data)], labels[i] == data[i]['label'].
+  """
+  data: Sequence[dict[str, Any]]
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.data)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return self.data[i]
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    # Grain reads a batch of records at once through this when it exists.
+    return list(self.data.__getitems__(indices))
+
+
+@dataclasses.dataclass
+class Splits:
+  """The loaded dataset.
+
+  Attributes:
+    train, test: the two splits every dataset has.
+    class_names: names of the label ids 0..C-1.
+    has_distribution: whether 'distribution' holds real label distributions (FERPlus votes,
+      SynthFER mixing weights, RAF-DB's crowd file when present); else it is all zeros.
+    num_skipped: images skipped at preparation because they could not be read.
+    skipped_files: their names.
+    extra: further splits some datasets have (FERPlus: 'private').
+  """
+  train: Source
+  test: Source
+  class_names: list[str]
+  has_distribution: bool
+  num_skipped: int
+  skipped_files: list[str] = dataclasses.field(default_factory=list)
+  extra: dict[str, Source] = dataclasses.field(default_factory=dict)
+
+
+def default_synthfer_cache_dir() -> str:
+  """Per-user cache for SynthFER, which has no data dir of its own."""
+  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(root, 'dmue_jax', 'tfds')
+
+
+def make_builder(input_config):
+  """The TFDS builder for `input_config.dataset`, storing its files in the cache dir."""
+  # Imported here: the builder modules import DatasetError from this package, and TFDS
+  # takes a second to import.
+  # pylint: disable=g-import-not-at-top
+  from dmue_jax.datasets import affectnet, ferplus, folder, rafdb, synthfer
+  # pylint: enable=g-import-not-at-top
+
+  name = input_config.dataset
+  if name == 'synthfer':
+    return synthfer.SynthFer(
+        config=synthfer.make_config(num_train=input_config.synthfer_num_train,
+                                    num_test=input_config.synthfer_num_test,
+                                    seed=input_config.synthfer_seed),
+        data_dir=input_config.cache_dir or default_synthfer_cache_dir())
+  data_dir = input_config.data_dir
+  if not data_dir and not input_config.cache_dir:
+    raise DatasetError(f'config.input.dataset={name!r} needs config.input.data_dir: the '
+                       'folder holding the downloaded dataset (see dmue_jax/datasets/'
+                       f'{name.rstrip("7")}.py for where to get it and its layout).')
+  cache_dir = input_config.cache_dir or os.path.join(data_dir, 'tfds')
+  if name == 'rafdb':
+    return rafdb.RafDb(manual_dir=data_dir, data_dir=cache_dir)
+  if name in ('affectnet', 'affectnet7'):
+    return affectnet.AffectNet(manual_dir=data_dir, data_dir=cache_dir,
+                               config='7class' if name == 'affectnet7' else '8class')
+  if name == 'ferplus':
+    return ferplus.FerPlus(manual_dir=data_dir, data_dir=cache_dir)
+  if name == 'folder':
+    return folder.make_builder(manual_dir=data_dir, cache_dir=cache_dir)
+  raise DatasetError(f'config.input.dataset={name!r} is unknown; choose synthfer, rafdb, '
+                     'affectnet, affectnet7, ferplus or folder.')
+
+
+def _prepare(builder) -> None:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder.check_manual_dir()
+  logging.info('Preparing %s into %s (once; later loads reuse it).', builder.name,
+               builder.data_path)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      try_download_gcs=False))
+
+
+def load(input_config) -> Splits:
+  """Loads `input_config.dataset`, preparing it first when its cache is missing.
+
+  Args:
+    input_config: `config.input` of `dmue_jax.config_lib.base_config()`.
+
+  Returns:
+    The train and test splits and what is known about them.
+
+  Raises:
+    DatasetError: the data dir is missing or incomplete (the message says what to get and
+      where to put it).
+  """
+  builder = make_builder(input_config)
+  if not builder.is_prepared():
+    _prepare(builder)
+  meta = builder.info.metadata
+  sources = {}
+  for split, data in builder.as_data_source().items():
+    labels = np.asarray(meta['labels'][split], np.int64)
+    if len(labels) != len(data):
+      raise DatasetError(f'{builder.data_path} is inconsistent ({split}: {len(data)} examples, '
+                         f'{len(labels)} labels); delete that folder to rebuild it.')
+    sources[split] = Source(data=data, labels=labels)
+  skipped = [name for split in sorted(meta['skipped']) for name in meta['skipped'][split]]
+  splits = Splits(
+      train=sources.pop('train'), test=sources.pop('test'),
+      class_names=list(builder.info.features['label'].names),
+      has_distribution=bool(meta['has_distribution']),
+      num_skipped=len(skipped), skipped_files=skipped, extra=sources)
+  logging.info('Dataset %s from %s: %d train / %d test examples, %d classes, %d unreadable '
+               'images skipped.', input_config.dataset, builder.data_path, len(splits.train),
+               len(splits.test), len(splits.class_names), splits.num_skipped)
+  return splits
+
+
+def train_labels(splits: Splits) -> np.ndarray:
+  """int64 [N]: the label of every training example, in index order, no image decoded."""
+  return splits.train.labels.copy()
