@@ -24,9 +24,12 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 
+from dmue_jax.errors import UserError
 
-class DatasetError(Exception):
+
+class DatasetError(UserError):
   """The dataset cannot be loaded; the message names what is missing and how to get it."""
+  exit_code = 2
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
