@@ -14,11 +14,11 @@ Inference variables: params/batch_stats {trunk, branch, neck, head}, `branch` be
 
 Training inputs are grouped by class: x [C, k, H, W, 3], row c holding k samples of class c.
 Every subset the reference takes with boolean masks is then a static gather (SPEC: recommended
-design). Each auxiliary branch c receives its "y != c" samples ((C-1)k rows, classes in order,
-c skipped) followed by its own class's k samples, in one call whose BatchNorms normalise the two
-segments separately, first the auxiliary then the latent-distribution segment, as the
-reference's two calls do. The target branch receives all Ck samples as one segment. All C+1
-branches therefore take Ck rows, which is what lets them be stacked and vmapped.
+design): auxiliary branch c runs on its "y != c" samples ((C-1)k rows, classes in order, c
+skipped), then on its own class's k samples for the latent distribution (a forward pass only,
+updating its BatchNorm averages a second time as the reference does), and the target branch runs
+on all Ck samples. The C auxiliary copies are applied together (vmap, or a loop over slices of
+the stacked parameters), so no FLOP goes to masked-out rows.
 """
 
 from __future__ import annotations
@@ -150,38 +150,29 @@ class DMUEModel:
     return {'params': params, 'batch_stats': stats}
 
   # ---------------------------------------------------------------- training forward
-  def apply_branches(self, params, stats, h_in, *, train, segments, merge):
-    """Applies the C+1 stacked layer4 copies.
+  def apply_branches(self, params, stats, x, *, train):
+    """Applies stacked layer4 copies, copy b to x[b].
 
-    h_in: [C+1, N, h, w, F] (N = Ck for every branch). segments: (aux_rows, own_rows) for the
-    auxiliary branches; merge [C+1] bool marks the one-segment target branch.
-    Returns ([C+1, N, h', w', D], new stacked batch_stats).
+    params/stats: stacked with leading axis N; x: [N, rows, h, w, F].
+    Returns ([N, rows, h', w', D], new stacked batch_stats).
     """
-    num = h_in.shape[0]
     mutable = ['batch_stats'] if train else False
 
-    def one(p, s, x, m, segs):
-      out = self.stage.apply({'params': p, 'batch_stats': s}, x, train=train, segments=segs,
-                             merge=m, mutable=mutable)
+    def one(p, s, xb):
+      out = self.stage.apply({'params': p, 'batch_stats': s}, xb, train=train, mutable=mutable)
       if train:
         y, new = out
         return y, new['batch_stats']
       return out, s
 
     if self.branch_mode == 'vmap':
-      return jax.vmap(lambda p, s, x, m: one(p, s, x, m, segments))(params, stats, h_in, merge)
+      return jax.vmap(one)(params, stats, x)
     ys, new_stats = [], []
-    for b in range(num):
-      p = jax.tree.map(lambda a: a[b], params)
-      s = jax.tree.map(lambda a: a[b], stats)
-      is_target = b == num - 1
-      # Static segmentation in the loop: the target branch is one segment.
-      segs = (h_in.shape[1],) if is_target else segments
-      y, s2 = one(p, s, h_in[b], None, segs)
+    for b in range(x.shape[0]):
+      y, s2 = one(jax.tree.map(lambda a: a[b], params), jax.tree.map(lambda a: a[b], stats), x[b])
       ys.append(y)
       new_stats.append(s2)
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *new_stats)
-    return jnp.stack(ys), stacked
+    return jnp.stack(ys), jax.tree.map(lambda *a: jnp.stack(a), *new_stats)
 
   def apply_train(self, variables: Variables, x: jax.Array, *, dropout_rng=None,
                   neck_stats_all_passes: bool = True, gram_features: bool = False):
@@ -211,17 +202,25 @@ class DMUEModel:
     h, trunk_stats = self.trunk.apply({'params': params['trunk'], 'batch_stats': stats['trunk']},
                                       img, train=True, mutable=['batch_stats'])
     hg = h.reshape((c, k) + h.shape[1:])
-    # Branch c < C: its y != c samples then its own class; branch C: everything.
+    # Auxiliary branch c on its y != c samples; then (updating its BatchNorm averages again,
+    # in the reference's order) on its own class for the latent distribution; the target branch
+    # on everything. The latent pass is cut from the gradient: its output only feeds the
+    # detached distribution, and a separate call lets XLA skip its backward pass entirely.
     aux_in = hg[others(c)].reshape((c, (c - 1) * k) + h.shape[1:])
-    branch_in = jnp.concatenate([jnp.concatenate([aux_in, hg], axis=1), h[None]], axis=0)
-    merge = jnp.arange(c + 1) == c
-    feats, branch_stats = self.apply_branches(
-        params['branches'], stats['branches'], branch_in, train=True,
-        segments=((c - 1) * k, k), merge=merge)
-    pooled = jax.vmap(lambda f: resnet.pool(f, self.pooling))(feats)  # [C+1, Ck, D]
-    aux_z = pooled[:c, :(c - 1) * k]        # [C, (C-1)k, D]
-    latent_z = pooled[:c, (c - 1) * k:]     # [C, k, D]
-    z = pooled[c]                           # [Ck, D]
+    first = lambda t: jax.tree.map(lambda a: a[:c], t)
+    aux_feats, aux_stats = self.apply_branches(first(params['branches']),
+                                               first(stats['branches']), aux_in, train=True)
+    lat_feats, lat_stats = self.apply_branches(
+        jax.lax.stop_gradient(first(params['branches'])), aux_stats, jax.lax.stop_gradient(hg),
+        train=True)
+    last = lambda t: jax.tree.map(lambda a: a[c:], t)
+    tgt_feats, tgt_stats = self.apply_branches(last(params['branches']), last(stats['branches']),
+                                               h[None], train=True)
+    branch_stats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), lat_stats, tgt_stats)
+    pool = jax.vmap(lambda f: resnet.pool(f, self.pooling))
+    aux_z = pool(aux_feats)                 # [C, (C-1)k, D]
+    latent_z = pool(lat_feats)              # [C, k, D]
+    z = pool(tgt_feats)[0]                  # [Ck, D]
 
     aux_z = self._dropout(aux_z, dropout_rng, 0)
     target_in = self._dropout(z, dropout_rng, 1)

@@ -1,0 +1,492 @@
+r"""Throughput and FLOP benchmark: the DMUE train step against the plain backbone.
+
+  python -m dmue_jax.bench --config configs/rafdb.py --image-size 112 --batch-per-class 10
+  python -m dmue_jax.bench --config configs/rafdb.py --image-size 112 --json   # last line JSON
+  python -m dmue_jax.bench --config configs/rafdb.py --skip-vmap --dtype bfloat16   # on a GPU
+
+Everything runs on synthetic in-memory batches with the config's model settings (backbone, stem,
+width, pooling, branch mode), after compilation and one warm-up call, and reports the median of
+`--steps` timed calls (each ended by `block_until_ready`). Measurements that are compared with
+each other run interleaved, call by call, so that load from other processes on a shared machine
+hits both sides alike. What is measured:
+
+* the DMUE train step (`train.make_jitted_steps`, the training loop's own jitted step), and the
+  plain backbone (`resnet.PlainResNet`) with cross-entropy and `optax.adam` on the same batch;
+* inference of the exported model (`InferenceModel` on `inference_variables`) and of the plain
+  backbone, on the same B = C*k images;
+* the full train step with `branch_mode='vmap'` against `'loop'` (`--skip-vmap` skips this);
+* the input pipeline alone (`input_pipeline.measure_throughput`) on synthetic 100x100 uint8
+  faces with the config's augmentation;
+* FLOPs from XLA's cost analysis of the compiled programs: the DMUE step, the plain step, and
+  the *reference subset computation*: separately compiled pieces with exactly the shapes the
+  authors' PyTorch step computes on (trunk forward+backward on B; each auxiliary layer4 copy
+  forward+backward on its (C-1)k rows; the target layer4 forward+backward on B; each auxiliary
+  copy forward only on its k own-class rows, since the latent distribution is detached; the Adam
+  update). Heads, neck and losses are left out of it: they cost well under 0.1 %.
+
+`--profile` also times those pieces one by one, which shows where the step's time goes. The
+JSON records the load average and XLA_FLAGS, because both change CPU timings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from dmue_jax import cli
+from dmue_jax import config_lib
+from dmue_jax import input_pipeline
+from dmue_jax import parallel
+from dmue_jax import train
+from dmue_jax.models import dmue as dmue_model
+from dmue_jax.models import resnet
+
+# The benchmark never reaches an epoch boundary; only the schedules' first rates are used.
+_STEPS_PER_EPOCH = 1000
+# Source images for the pipeline measurement: RAF-DB's aligned faces are 100x100.
+_PIPELINE_IMAGE_SIZE = 100
+
+
+def _define_flags(fv: flags.FlagValues) -> None:
+  """The command's flags, on a private FlagValues so that `main` can be called (and tested)
+  without clashing with other commands' global flags."""
+  config_flags.DEFINE_config_file('config', None, 'Run configuration; its model settings and '
+                                  'augmentation are benchmarked.', flag_values=fv,
+                                  lock_config=True)
+  flags.DEFINE_integer('image-size', None, 'Crop size S (default: the config\'s); the resize '
+                       'size is scaled with it.', flag_values=fv)
+  flags.DEFINE_integer('batch-per-class', None, 'k, samples per class (default: the config\'s).',
+                       flag_values=fv)
+  flags.DEFINE_integer('steps', 3, 'Timed calls per measurement; the median is reported.',
+                       flag_values=fv)
+  flags.DEFINE_integer('pipeline-steps', 10, 'Batches for the input-pipeline measurement.',
+                       flag_values=fv)
+  flags.DEFINE_bool('json', False, 'Print the results as one JSON object on the last line.',
+                    flag_values=fv)
+  flags.DEFINE_bool('skip-vmap', False, 'Skip the vmap-vs-loop comparison: only the config\'s '
+                    'branch mode is timed and the other mode\'s rate is null.', flag_values=fv)
+  flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype (default: the '
+                    'config\'s); parameters stay float32.', flag_values=fv)
+  flags.DEFINE_bool('profile', False, 'Also time the reference-subset pieces one by one.',
+                    flag_values=fv)
+  flags.DEFINE_bool('fast-compile', False, 'Compile without LLVM optimisation: for smoke tests '
+                    'only (FLOP counts stay exact, timings are not representative).',
+                    flag_values=fv)
+
+
+# ------------------------------------------------------------------ timing and FLOPs
+def _note(message: str) -> None:
+  """Progress on stderr (compiles take minutes on a CPU); stdout keeps the results only."""
+  print(f'[bench {time.strftime("%H:%M:%S")}] {message}', file=sys.stderr, flush=True)
+
+
+def _flops(compiled) -> float:
+  """XLA's FLOP count of a compiled program (cost_analysis is a dict, or a one-element list in
+  older JAX)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float(cost.get('flops', math.nan)) if cost else math.nan
+
+
+class _Stepper:
+  """A compiled step that threads its (donated) state: each call replaces the state."""
+
+  def __init__(self, compiled, state, *args):
+    self.compiled, self.state, self.args = compiled, state, args
+
+  def __call__(self):
+    self.state, out = self.compiled(self.state, *self.args)
+    return self.state, out
+
+
+def _interleaved_medians(calls: dict[str, Callable[[], Any]], steps: int) -> dict[str, float]:
+  """Median seconds per call of each function, timed round-robin after one warm-up each.
+
+  Round-robin rather than one after the other: on a shared CPU the load drifts over minutes,
+  and interleaving spreads that drift evenly over the measurements being compared.
+  """
+  for fn in calls.values():
+    jax.block_until_ready(fn())
+  times = {name: [] for name in calls}
+  for _ in range(steps):
+    for name, fn in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+# ------------------------------------------------------------------ what is benchmarked
+@dataclasses.dataclass
+class Setup:
+  """The benchmarked configuration and one synthetic batch, on the device mesh."""
+  config: Any
+  num_classes: int
+  batch_per_class: int
+  image_size: int
+  mesh: Any
+  batch: dict          # {'image': [C, k, S, S, 3], 'label': [C, k]}, sharded like training
+  flat_images: Any     # [B, S, S, 3]
+  flat_labels: Any     # [B]
+  compiler_options: dict | None = None
+
+  @property
+  def batch_size(self) -> int:
+    return self.num_classes * self.batch_per_class
+
+  def compile(self, jitted, *args):
+    """Ahead-of-time compile: the executable that is timed is the one whose FLOPs are counted."""
+    return jitted.lower(*args).compile(compiler_options=self.compiler_options)
+
+
+def make_setup(config, *, image_size=None, batch_per_class=None, dtype=None,
+               fast_compile: bool = False) -> Setup:
+  """Applies the overrides to a copy of `config`, validates it and builds a random batch."""
+  config = config.copy_and_resolve_references()
+  if image_size is not None:
+    # Keep the config's resize/crop ratio (reference 256/224), so the augmentation is the same.
+    ratio = config.input.resize_size / config.input.image_size
+    config.input.image_size = image_size
+    config.input.resize_size = int(round(image_size * ratio))
+  if batch_per_class is not None:
+    config.input.batch_per_class = batch_per_class
+  if dtype is not None:
+    config.model.dtype = dtype
+  config.dmue.enabled = True
+  config_lib.validate(config)
+  c, k, s = config.model.num_classes, config.input.batch_per_class, config.input.image_size
+  parallel.check_divisible(k, c * k)  # the grouped batch splits on k, the flat one on B
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((c, k, s, s, 3), dtype=np.float32)
+  labels = np.repeat(np.arange(c, dtype=np.int32)[:, None], k, axis=1)
+  mesh = parallel.make_mesh()
+  batch = jax.device_put({'image': images, 'label': labels}, parallel.train_batch_sharding(mesh))
+  flat = jax.device_put(images.reshape((c * k, s, s, 3)), parallel.eval_batch_sharding(mesh))
+  flat_labels = jax.device_put(labels.reshape(-1), parallel.eval_batch_sharding(mesh))
+  # The backend (LLVM) level only: fusion, and so the FLOP count, is decided before it.
+  options = {'xla_backend_optimization_level': 0} if fast_compile else None
+  return Setup(config, c, k, s, mesh, batch, flat, flat_labels, options)
+
+
+def with_branch_mode(config, mode: str):
+  config = config.copy_and_resolve_references()
+  config.model.branch_mode = mode
+  return config
+
+
+def resolved_branch_mode(config) -> str:
+  return train.make_model(config).branch_mode
+
+
+def dmue_train_step(setup: Setup, config) -> tuple[_Stepper, float]:
+  """The training loop's jitted DMUE step, compiled once: (stepper, XLA FLOPs per step)."""
+  state = train.create_train_state(config, jax.random.key(0), _STEPS_PER_EPOCH)
+  state = jax.device_put(state, parallel.replicated(setup.mesh))
+  p_train, _ = train.make_jitted_steps(config, setup.mesh, _STEPS_PER_EPOCH)
+  rng = jax.random.key(1)
+  compiled = setup.compile(p_train, state, setup.batch, rng)
+  return _Stepper(compiled, state, setup.batch, rng), _flops(compiled)
+
+
+def plain_model(config) -> resnet.PlainResNet:
+  m = config.model
+  return resnet.PlainResNet(num_classes=m.num_classes, backbone=m.backbone, width=m.width,
+                            stem=config_lib.resolve_stem(m.stem, m.backbone),
+                            last_stride=m.last_stride, dtype=jnp.dtype(m.dtype))
+
+
+def plain_train_step(setup: Setup) -> tuple[_Stepper, float]:
+  """PlainResNet + softmax cross-entropy + optax.adam on the same B images."""
+  model = plain_model(setup.config)
+  variables = model.init(jax.random.key(0), setup.flat_images[:2], train=False)
+  tx = optax.adam(1e-4)
+
+  def step(state, images, labels):
+    params, stats, opt_state = state
+
+    def loss_fn(p):
+      (logits, _), new = model.apply({'params': p, 'batch_stats': stats}, images, train=True,
+                                     mutable=['batch_stats'])
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return ce, new['batch_stats']
+
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), new_stats, opt_state), loss
+
+  state = (variables['params'], variables['batch_stats'], tx.init(variables['params']))
+  repl = parallel.replicated(setup.mesh)
+  state = jax.device_put(state, repl)
+  jitted = jax.jit(step, donate_argnums=0)
+  compiled = setup.compile(jitted, state, setup.flat_images, setup.flat_labels)
+  return _Stepper(compiled, state, setup.flat_images, setup.flat_labels), _flops(compiled)
+
+
+def inference_calls(setup: Setup, train_variables) -> dict[str, Callable[[], Any]]:
+  """{'dmue': exported model, 'plain': PlainResNet}, each compiled on the B flat images."""
+  config = setup.config
+  exported = dmue_model.inference_variables(train_variables)
+  dmue_fn = setup.compile(jax.jit(functools.partial(train.eval_logits, config=config)),
+                          exported, setup.flat_images)
+  model = plain_model(config)
+  plain_vars = model.init(jax.random.key(0), setup.flat_images[:2], train=False)
+  plain_fn = setup.compile(jax.jit(lambda v, x: model.apply(v, x, train=False)[0]),
+                           plain_vars, setup.flat_images)
+  return {'dmue': lambda: dmue_fn(exported, setup.flat_images),
+          'plain': lambda: plain_fn(plain_vars, setup.flat_images)}
+
+
+# ------------------------------------------------------------------ the reference's subsets
+@dataclasses.dataclass
+class Piece:
+  """One separately compiled part of the reference step, counted `times` times."""
+  name: str
+  times: int
+  call: Callable[[], Any]
+  flops: float
+
+
+def reference_pieces(setup: Setup, train_variables) -> list[Piece]:
+  """The computation of the authors' step, piece by piece, with exactly their shapes.
+
+  The reference runs the shared trunk on all B images; auxiliary branch c forward and backward
+  on its (C-1)k samples with y != c; the target branch forward and backward on all B; auxiliary
+  branch c forward only on its k samples of class c (the latent distribution is `.detach()`ed
+  after the softmax, so autograd records nothing there); then one Adam update of trunk, all
+  layer4 copies and the heads. Each piece is value_and_grad of a sum (or a plain forward) so
+  that XLA keeps exactly that work; branch gradients include the input gradient, which the
+  trunk's backward needs.
+  """
+  model = train.make_model(setup.config)
+  c, k = setup.num_classes, setup.batch_per_class
+  params, stats = train_variables['params'], train_variables['batch_stats']
+  trunk_vars = {'params': params['trunk'], 'batch_stats': stats['trunk']}
+  take0 = lambda tree: jax.tree.map(lambda a: a[0], tree)
+  stage_params, stage_stats = take0(params['branches']), take0(stats['branches'])
+
+  def trunk_loss(p, x):
+    h, _ = model.trunk.apply({'params': p, 'batch_stats': trunk_vars['batch_stats']}, x,
+                             train=True, mutable=['batch_stats'])
+    return jnp.sum(h.astype(jnp.float32))
+
+  def stage_out(p, h):
+    y, _ = model.stage.apply({'params': p, 'batch_stats': stage_stats}, h, train=True,
+                             mutable=['batch_stats'])
+    return y
+
+  stage_loss = lambda p, h: jnp.sum(stage_out(p, h).astype(jnp.float32))
+  h_shape = jax.eval_shape(lambda x: model.trunk.apply(trunk_vars, x, train=False),
+                           setup.flat_images)
+  h = jax.random.normal(jax.random.key(2), h_shape.shape, jnp.float32).astype(h_shape.dtype)
+
+  tx = train.make_optimizer(setup.config, _STEPS_PER_EPOCH)
+  opt_state = tx.init(params)
+
+  def optimizer(p, g, s):
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  specs = [
+      ('trunk forward+backward [B]', 1, jax.value_and_grad(trunk_loss),
+       (params['trunk'], setup.flat_images)),
+      ('aux layer4 forward+backward [(C-1)k]', c, jax.value_and_grad(stage_loss, (0, 1)),
+       (stage_params, h[:(c - 1) * k])),
+      ('target layer4 forward+backward [B]', 1, jax.value_and_grad(stage_loss, (0, 1)),
+       (stage_params, h)),
+      ('latent layer4 forward [k]', c, stage_out, (stage_params, h[:k])),
+      ('Adam update (all parameters)', 1, optimizer, (params, params, opt_state)),
+  ]
+  pieces = []
+  for name, times, fn, args in specs:
+    compiled = setup.compile(jax.jit(fn), *args)
+    pieces.append(Piece(name, times, functools.partial(compiled, *args), _flops(compiled)))
+  return pieces
+
+
+# ------------------------------------------------------------------ input pipeline
+def pipeline_rate(setup: Setup, steps: int) -> float:
+  """Images/s of the training pipeline alone on synthetic 100x100 uint8 faces."""
+  c, k = setup.num_classes, setup.batch_per_class
+  per_class = 2 * k  # more than one batch per class, so the stream crosses a pass boundary
+  rng = np.random.default_rng(0)
+  size = _PIPELINE_IMAGE_SIZE
+  images = rng.integers(0, 256, (c * per_class, size, size, 3), dtype=np.uint8)
+  labels = np.repeat(np.arange(c), per_class)
+  source = [{'image': img, 'label': int(y)} for img, y in zip(images, labels)]
+  cfg = setup.config.input
+  return input_pipeline.measure_throughput(
+      source, labels, num_classes=c, batch_per_class=k, image_size=cfg.image_size,
+      resize_size=cfg.resize_size, augment=cfg.augment, steps=steps)
+
+
+# ------------------------------------------------------------------ the whole benchmark
+def run(config, *, image_size=None, batch_per_class=None, steps: int = 3,
+        pipeline_steps: int = 10, skip_vmap: bool = False, dtype=None,
+        profile: bool = False, fast_compile: bool = False) -> dict:
+  """Runs every measurement; returns the results dict (see the module docstring)."""
+  if steps < 1:
+    raise config_lib.ConfigError(f'--steps={steps} must be at least 1.')
+  load_start = os.getloadavg()[0]
+  setup = make_setup(config, image_size=image_size, batch_per_class=batch_per_class,
+                     dtype=dtype, fast_compile=fast_compile)
+  config = setup.config
+  b = setup.batch_size
+  mode = resolved_branch_mode(config)
+  other = 'vmap' if mode == 'loop' else 'loop'
+
+  _note(f'compiling the DMUE train step ({mode})')
+  dmue_step, flops = dmue_train_step(setup, config)
+  _note('compiling the plain-backbone train step')
+  plain_step, plain_flops = plain_train_step(setup)
+  train_calls = {mode: dmue_step, 'plain': plain_step}
+  if not skip_vmap:
+    _note(f'compiling the DMUE train step ({other})')
+    train_calls[other], _ = dmue_train_step(setup, with_branch_mode(config, other))
+  _note(f'timing the train steps ({", ".join(train_calls)})')
+  train_times = _interleaved_medians(train_calls, steps)
+
+  _note('compiling and timing inference')
+  train_variables = dmue_step.state.variables
+  infer_times = _interleaved_medians(inference_calls(setup, train_variables), steps)
+
+  _note('compiling the reference-subset pieces')
+  pieces = reference_pieces(setup, train_variables)
+  reference_flops = sum(p.times * p.flops for p in pieces)
+  mode_rate = lambda m: b / train_times[m] if m in train_times else None
+  results = {
+      'train_images_per_second': b / train_times[mode],
+      'plain_backbone_train_images_per_second': b / train_times['plain'],
+      'inference_images_per_second': b / infer_times['dmue'],
+      'plain_backbone_inference_images_per_second': b / infer_times['plain'],
+      'inference_overhead_vs_plain_backbone': infer_times['dmue'] / infer_times['plain'],
+      'flops_per_step': flops,
+      'achieved_gflops': flops / train_times[mode] / 1e9,
+      'plain_backbone_flops_per_step': plain_flops,
+      'flops_ratio_vs_plain_backbone': flops / plain_flops,
+      'reference_subset_flops_per_step': reference_flops,
+      'flops_ratio_vs_reference_subsets': flops / reference_flops,
+      'vmap_images_per_second': mode_rate('vmap'),
+      'loop_images_per_second': mode_rate('loop'),
+      'input_pipeline_images_per_second': None,
+      'branch_mode': mode,
+      'train_step_seconds': train_times[mode],
+      'plain_backbone_train_step_seconds': train_times['plain'],
+      'backbone': config.model.backbone,
+      'stem': config_lib.resolve_stem(config.model.stem, config.model.backbone),
+      'num_classes': setup.num_classes,
+      'batch_per_class': setup.batch_per_class,
+      'image_size': setup.image_size,
+      'dtype': config.model.dtype,
+      'steps': steps,
+      'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}',
+      'platform': jax.default_backend(),
+      'host_cpus': os.cpu_count(),
+      'jax_version': jax.__version__,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'fast_compile': fast_compile,
+      'load_average_start': load_start,
+  }
+  _note('timing the input pipeline')
+  results['input_pipeline_images_per_second'] = pipeline_rate(setup, pipeline_steps)
+  if profile:
+    _note('timing the pieces')
+    piece_times = _interleaved_medians({p.name: p.call for p in pieces}, steps)
+    results['profile'] = {
+        p.name: {'times': p.times, 'seconds_each': piece_times[p.name],
+                 'gflop_each': p.flops / 1e9,
+                 'gflops_per_second': p.flops / piece_times[p.name] / 1e9}
+        for p in pieces}
+    results['reference_subset_seconds'] = sum(p.times * piece_times[p.name] for p in pieces)
+  results['load_average_end'] = os.getloadavg()[0]
+  return results
+
+
+def format_table(r: dict) -> str:
+  """The results as a readable table."""
+  b = r['num_classes'] * r['batch_per_class']
+  gf = lambda x: f'{x / 1e9:10.1f}' if x is not None else f'{"-":>10}'
+  rate = lambda x: f'{x:10.1f}' if x is not None else f'{"-":>10}'
+  lines = [
+      f'DMUE benchmark: {r["backbone"]} ({r["stem"]} stem), C={r["num_classes"]}, '
+      f'k={r["batch_per_class"]} (B={b}), {r["image_size"]} px, {r["dtype"]}, '
+      f'{r["device"]}, JAX {r["jax_version"]}',
+      f'load average {r["load_average_start"]:.2f} -> {r["load_average_end"]:.2f}; '
+      f'XLA_FLAGS={r["xla_flags"]!r}',
+      f'{"":44}{"img/s":>10}{"GFLOP":>10}{"GFLOP/s":>10}',
+      f'{"train step, DMUE (" + r["branch_mode"] + ")":44}{rate(r["train_images_per_second"])}'
+      f'{gf(r["flops_per_step"])}{r["achieved_gflops"]:10.1f}',
+      f'{"train step, plain backbone":44}'
+      f'{rate(r["plain_backbone_train_images_per_second"])}'
+      f'{gf(r["plain_backbone_flops_per_step"])}'
+      f'{r["plain_backbone_flops_per_step"] / r["plain_backbone_train_step_seconds"] / 1e9:10.1f}',
+      f'{"reference subset computation":44}{"":10}{gf(r["reference_subset_flops_per_step"])}',
+      f'{"train step, branch_mode=vmap":44}{rate(r["vmap_images_per_second"])}',
+      f'{"train step, branch_mode=loop":44}{rate(r["loop_images_per_second"])}',
+      f'{"inference, exported DMUE model":44}{rate(r["inference_images_per_second"])}',
+      f'{"inference, plain backbone":44}'
+      f'{rate(r["plain_backbone_inference_images_per_second"])}',
+      f'{"input pipeline alone":44}{rate(r["input_pipeline_images_per_second"])}',
+      f'FLOPs: DMUE step / plain step = {r["flops_ratio_vs_plain_backbone"]:.3f}; '
+      f'DMUE step / reference subsets = {r["flops_ratio_vs_reference_subsets"]:.3f}',
+      f'inference time, DMUE / plain backbone = {r["inference_overhead_vs_plain_backbone"]:.3f}',
+  ]
+  if 'profile' in r:
+    lines.append(f'{"piece (x times)":52}{"s each":>10}{"GFLOP each":>12}{"GFLOP/s":>10}')
+    for name, p in r['profile'].items():
+      lines.append(f'{name + " x" + str(p["times"]):52}{p["seconds_each"]:10.3f}'
+                   f'{p["gflop_each"]:12.2f}{p["gflops_per_second"]:10.1f}')
+    lines.append(f'reference pieces in total: {r["reference_subset_seconds"]:.2f} s '
+                 f'(the DMUE step: {r["train_step_seconds"]:.2f} s)')
+  return '\n'.join(lines)
+
+
+def _json_safe(value):
+  """NaN/inf are not JSON; report them as null."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  return value
+
+
+def main(argv: Sequence[str]) -> dict:
+  """Parses argv (argv[0] is the program name), runs the benchmark, prints, returns results."""
+  fv = flags.FlagValues()
+  _define_flags(fv)
+  try:
+    fv(list(argv))
+  except flags.Error as e:
+    cli.fail(f'{e}. Usage: python -m dmue_jax.bench --config CONFIG [--image-size N] '
+             '[--batch-per-class K] [--steps S] [--json]')
+  if fv.config is None:
+    cli.fail('--config is required, e.g. --config configs/rafdb.py.')
+  with cli.user_errors():
+    results = run(fv.config, image_size=fv['image-size'].value,
+                  batch_per_class=fv['batch-per-class'].value, steps=fv.steps,
+                  pipeline_steps=fv['pipeline-steps'].value, skip_vmap=fv['skip-vmap'].value,
+                  dtype=fv.dtype, profile=fv.profile, fast_compile=fv['fast-compile'].value)
+  print(format_table(results), flush=True)
+  if fv.json:
+    print(json.dumps(_json_safe(results)), flush=True)
+  return results
+
+
+if __name__ == '__main__':
+  cli.enable_compilation_cache()
+  main(sys.argv)

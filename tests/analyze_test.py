@@ -1,0 +1,217 @@
+"""The ambiguity analysis: its metrics on hand-made numbers, its batches, and the command's
+outputs on a tiny run's checkpoint."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import make_run
+from dmue_jax import analyze
+from dmue_jax import input_pipeline
+from dmue_jax import metrics as metrics_lib
+from dmue_jax import train
+
+NAMES = ['a', 'b', 'c']
+
+
+# ------------------------------------------------------------------ kl_to_truth
+def test_kl_restricted_to_the_other_classes():
+  # label 0: truth (0.5, 0.3, 0.2) -> (0.6, 0.4) over classes 1, 2; the mined distribution is
+  # 0 at the label already, the softmax is renormalised over 1, 2 -> (0.5, 0.5) in both cases.
+  truth = np.array([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
+  pred = np.array([[0.0, 0.5, 0.5], [0.8, 0.1, 0.1]])
+  kl = analyze.kl_to_truth(truth=truth, pred=pred, labels=np.array([0, 0]))
+  expected = 0.6 * np.log(0.6 / 0.5) + 0.4 * np.log(0.4 / 0.5)
+  np.testing.assert_allclose(kl, [expected, expected], rtol=1e-5)
+
+
+def test_kl_zero_truth_entries_and_scale():
+  # Votes (any scale) are normalised; a zero truth entry contributes nothing.
+  truth = np.array([[4.0, 4.0, 0.0], [0.0, 3.0, 1.0]])
+  pred = np.array([[0.0, 0.25, 0.75], [0.2, 0.6, 0.2]])
+  kl = analyze.kl_to_truth(truth=truth, pred=pred, labels=np.array([0, 2]))
+  # Row 2: label 2, truth off it is (0, 1) over classes 0, 1; pred (0.25, 0.75).
+  np.testing.assert_allclose(kl, [-np.log(0.25), -np.log(0.75)], rtol=1e-5)
+
+
+def test_kl_identical_is_zero_and_undefined_rows_are_nan():
+  truth = np.array([[0.0, 0.7, 0.3], [0.0, 1.0, 0.0], [0.2, 0.2, 0.6]])
+  pred = np.array([[0.0, 0.7, 0.3], [0.3, 0.3, 0.4], [0.2, 0.2, 0.6]])
+  kl = analyze.kl_to_truth(truth=truth, pred=pred, labels=np.array([0, 1, 2]))
+  # Row 1: the truth has no mass off its label, nothing to compare with.
+  assert np.isnan(kl[1])
+  np.testing.assert_allclose(kl[[0, 2]], [0.0, 0.0], atol=1e-9)
+
+
+def test_kl_missing_class_is_large_but_finite():
+  kl = analyze.kl_to_truth(truth=np.array([[0.5, 0.5, 0.0]]), pred=np.array([[0.0, 0.0, 1.0]]),
+                           labels=np.array([0]))
+  # Floored at eps, renormalised: about log(1 / eps).
+  np.testing.assert_allclose(kl, [-np.log(analyze.KL_EPS / (1 + analyze.KL_EPS))], rtol=1e-6)
+
+
+# ------------------------------------------------------------------ roc_auc
+def brute_force_auc(scores, positives):
+  pos, neg = scores[positives], scores[~positives]
+  diff = pos[:, None] - neg[None, :]
+  return ((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size
+
+
+def test_roc_auc_hand_made():
+  pos = np.array([False, False, True, True])
+  assert analyze.roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), pos) == pytest.approx(0.75)
+  assert analyze.roc_auc(np.array([0.1, 0.2, 0.3, 0.4]), pos) == pytest.approx(1.0)
+  assert analyze.roc_auc(np.array([0.4, 0.3, 0.2, 0.1]), pos) == pytest.approx(0.0)
+  assert analyze.roc_auc(np.ones(4), pos) == pytest.approx(0.5)
+  # Ties across classes count one half: (0.5 + 1 + 1 + 1) / 4.
+  assert analyze.roc_auc(np.array([1.0, 0.0, 1.0, 2.0]),
+                         np.array([False, False, True, True])) == pytest.approx(0.875)
+
+
+def test_roc_auc_matches_pairwise_count_with_ties():
+  rng = np.random.default_rng(0)
+  scores = rng.integers(0, 6, size=300).astype(float)  # many ties
+  positives = rng.random(300) < 0.2
+  assert analyze.roc_auc(scores, positives) == pytest.approx(brute_force_auc(scores, positives))
+
+
+def test_roc_auc_needs_both_classes():
+  assert np.isnan(analyze.roc_auc(np.arange(3.0), np.zeros(3, bool)))
+  assert np.isnan(analyze.roc_auc(np.arange(3.0), np.ones(3, bool)))
+
+
+def test_average_ranks():
+  np.testing.assert_allclose(analyze.average_ranks(np.array([3.0, 1.0, 3.0, 2.0])),
+                             [3.5, 1.0, 3.5, 2.0])
+
+
+# ------------------------------------------------------------------ batches and summary
+def test_score_plan_covers_every_sample_once():
+  labels = np.array([0] * 5 + [1] * 2 + [2] * 3)
+  rng = np.random.default_rng(1)
+  labels = labels[rng.permutation(labels.size)]
+  index, first = analyze.score_plan(labels, 3, 2)
+  assert index.shape == first.shape == (3, 3, 2)  # ceil(5 / 2) batches, C, k
+  for c in range(3):
+    assert np.all(labels[index[:, c]] == c)
+    members = np.flatnonzero(labels == c)
+    # In order, chunked by k, wrapping around for the short classes.
+    np.testing.assert_array_equal(index[:, c].ravel(), members[np.arange(6) % members.size])
+  counts = np.bincount(index[first], minlength=labels.size)
+  np.testing.assert_array_equal(counts, np.ones(labels.size))
+
+
+def hand_table(score=True, truth=True):
+  """Six samples: 2 and 5 carry a wrong annotation (5 by label noise) and the lowest scores."""
+  labels = np.array([0, 1, 2, 0, 1, 2])
+  true_label = np.array([0, 1, 0, 0, 1, 1])
+  t = np.full((6, 3), 0.1)
+  t[np.arange(6), true_label] = 0.8
+  latent = np.full((6, 3), 0.5)
+  latent[np.arange(6), labels] = 0.0
+  return analyze.SampleTable(
+      class_names=NAMES, labels=labels, original_labels=np.array([0, 1, 2, 0, 1, 1]),
+      flipped=np.array([False] * 5 + [True]),
+      probs=np.full((6, 3), 1 / 3),
+      score=np.array([0.9, 0.8, 0.2, 0.7, 0.6, 0.1]) if score else None,
+      latent=latent if score else None,
+      truth=t if truth else None, true_label=true_label if truth else None)
+
+
+def test_summarize_with_truth():
+  m = analyze.summarize(hand_table())
+  assert m['noisy_label_auroc'] == pytest.approx(1.0)
+  assert m['flipped_label_auroc'] == pytest.approx(1.0)
+  assert m['num_mislabeled'] == 2
+  assert m['mean_score_noisy'] == pytest.approx(0.15)
+  assert m['mean_score_clean'] == pytest.approx(0.75)
+  assert m['label_prob_auroc'] == pytest.approx(0.5)  # constant probabilities
+  assert m['kl_num_samples'] == 6
+  for key in ('latent_kl_to_truth', 'baseline_kl_to_truth'):
+    assert np.isfinite(m[key])
+
+
+def test_summarize_without_truth_skips_the_agreement_metrics(tmp_path):
+  table = hand_table(truth=False)
+  m = analyze.summarize(table)
+  assert set(m) == {'num_train_samples', 'mean_score', 'flipped_label_auroc'}
+  path = str(tmp_path / 'samples.csv')
+  analyze.write_csv(path, table)
+  with open(path) as f:
+    rows = list(csv.DictReader(f))
+  assert [int(r['index']) for r in rows] == [5, 2, 4, 3, 1, 0]
+  assert not any(k.startswith('true_') or k == 'mislabeled' for k in rows[0])
+
+
+def test_plain_run_table_is_ranked_by_label_probability(tmp_path):
+  table = hand_table(score=False)
+  table.probs = np.tile([[0.2, 0.3, 0.5]], (6, 1))
+  assert 'noisy_label_auroc' not in analyze.summarize(table)
+  path = str(tmp_path / 'samples.csv')
+  analyze.write_csv(path, table)
+  with open(path) as f:
+    rows = list(csv.DictReader(f))
+  assert [int(r['index']) for r in rows] == [0, 3, 1, 4, 2, 5]
+  assert 'score' not in rows[0]
+
+
+# ------------------------------------------------------------------ the command on a checkpoint
+def test_analyze_writes_one_row_per_training_sample(tmp_path):
+  run = make_run(str(tmp_path / 'run'))
+  config = run.config
+  # The metrics join what training wrote there.
+  metrics_lib.write_json(os.path.join(run.workdir, 'results.json'), {'eval_accuracy': 0.25})
+  metrics = analyze.analyze(run.workdir)
+  data = train.prepare_data(config)
+  n, c = len(data.labels), config.model.num_classes
+  names = list(run.class_names)
+  assert metrics['analysis_step'] == 3  # the latest checkpoint, not the best (2)
+  assert metrics['num_train_samples'] == n
+
+  out = os.path.join(run.workdir, 'ambiguity')
+  with open(os.path.join(out, 'samples.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == n
+  assert sorted(int(r['index']) for r in rows) == list(range(n))
+  expected = (['index', 'label', 'label_name', 'original_label', 'score']
+              + [f'latent_{x}' for x in names] + [f'prob_{x}' for x in names]
+              + [f'true_{x}' for x in names] + ['true_label', 'true_label_name', 'flipped',
+                                                'mislabeled'])
+  assert list(rows[0]) == expected
+  scores = np.array([float(r['score']) for r in rows])
+  assert np.all(np.diff(scores) >= 0)  # most suspicious (lowest score) first
+  assert np.all((scores > 0) & (scores < 1))
+  index = np.array([int(r['index']) for r in rows])
+  label = np.array([int(r['label']) for r in rows])
+  np.testing.assert_array_equal(label, data.labels[index])
+  np.testing.assert_array_equal([int(r['flipped']) for r in rows], data.flipped[index])
+  latent = np.array([[float(r[f'latent_{x}']) for x in names] for r in rows])
+  probs = np.array([[float(r[f'prob_{x}']) for x in names] for r in rows])
+  np.testing.assert_allclose(latent[np.arange(n), label], 0.0)
+  np.testing.assert_allclose(latent.sum(1), 1.0, atol=1e-4)
+  np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+
+  # The scores of batch 0 (the first k samples of every class) as the training forward gives.
+  index0, _ = analyze.score_plan(data.labels, c, config.input.batch_per_class)
+  images = np.stack([[input_pipeline.eval_transform(
+      data.splits.train[int(i)]['image'], image_size=config.input.image_size,
+      resize_size=config.input.resize_size) for i in row] for row in index0[0]])
+  state = run.states[3]
+  _, extra = train.dmue_terms(train.make_model(config), config.dmue, state.params,
+                              state.batch_stats, images, 0, None)
+  by_index = dict(zip(index, scores))
+  np.testing.assert_allclose([by_index[i] for i in index0[0].ravel()],
+                             np.asarray(extra['score']).ravel(), rtol=1e-4)
+
+  for name in ('most_uncertain.png', 'score_histogram.png'):
+    assert os.path.getsize(os.path.join(out, name)) > 5000
+  with open(os.path.join(run.workdir, 'results.json')) as f:
+    results = json.load(f)
+  for key in ('noisy_label_auroc', 'latent_kl_to_truth', 'baseline_kl_to_truth',
+              'mean_score_clean', 'mean_score_noisy'):
+    assert key in results
+    assert results[key] == metrics[key]
+  assert results['eval_accuracy'] == 0.25
