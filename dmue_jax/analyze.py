@@ -334,19 +334,21 @@ def plot_most_uncertain(path: str, table: SampleTable, source, count: int = NUM_
   cols = 4
   rows = -(-len(shown) // cols)
   names = table.class_names
-  fig, axes = plt.subplots(2 * rows, cols, figsize=(3.0 * cols, 4.3 * rows),
-                           gridspec_kw={'height_ratios': [2.4, 1.0] * rows}, squeeze=False)
+  height = 3.8 * rows + 0.5
+  fig = plt.figure(figsize=(3.0 * cols, height))
+  # One sub-grid per sample keeps its bars tight under its face; the outer grid leaves room
+  # for the two-line titles.
+  outer = fig.add_gridspec(rows, cols, left=0.04, right=0.98, bottom=0.03,
+                           top=1 - 1.0 / height, hspace=0.3, wspace=0.25)
   bars = table.latent if table.latent is not None else table.probs
-  for slot in range(rows * cols):
-    ax_img, ax_bar = axes[2 * (slot // cols), slot % cols], axes[2 * (slot // cols) + 1,
-                                                                 slot % cols]
-    if slot >= len(shown):
-      ax_img.axis('off')
-      ax_bar.axis('off')
-      continue
-    i = int(shown[slot])
+  for slot, i in enumerate(shown):
+    cell = outer[slot // cols, slot % cols].subgridspec(2, 1, height_ratios=[2.6, 1.0],
+                                                       hspace=0.08)
+    ax_img, ax_bar = fig.add_subplot(cell[0]), fig.add_subplot(cell[1])
+    i = int(i)
     y = int(table.labels[i])
     ax_img.imshow(np.asarray(source[i]['image']).squeeze(), cmap='gray')
+    ax_img.set_anchor('S')  # the square image sits right above its bars, not mid-cell
     ax_img.set_xticks([])
     ax_img.set_yticks([])
     title = f'#{i} label {names[y]}'
@@ -363,13 +365,14 @@ def plot_most_uncertain(path: str, table: SampleTable, source, count: int = NUM_
       ax_bar.scatter(range(len(names)), table.truth[i], marker='_', s=120, color='black',
                      zorder=3)
     ax_bar.set_ylim(0, 1)
+    ax_bar.set_yticks([0, 0.5, 1])
     ax_bar.set_xticks(range(len(names)), [n[:3] for n in names], fontsize=7)
+    # The mined distribution is 0 at the label, so the label is marked on the axis too.
+    ax_bar.get_xticklabels()[y].set_color('tab:red')
     ax_bar.tick_params(axis='y', labelsize=7)
   what = 'mined distribution' if table.latent is not None else 'target softmax'
-  fig.suptitle(f'Most suspicious training samples: {what} (bars, red = annotated label)'
+  fig.suptitle(f'Most suspicious training samples: {what} (bars; red = annotated label)'
                + ('; true distribution (black)' if table.truth is not None else ''), fontsize=10)
-  # Leaves the top strip to the suptitle, which tight_layout ignores.
-  fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / rows))
   fig.savefig(path, dpi=80)
   plt.close(fig)
 

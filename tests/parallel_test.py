@@ -28,22 +28,18 @@ def run_worker(out, steps, **env):
 
 
 def assert_same_training(a, b):
-  """The first step (same parameters, one global program) must agree to rtol 1e-5.
-
-  Later steps agree to rtol 1e-3: a sharded reduction sums in another order (float32 rounding,
-  ~1e-7), and Adam divides by sqrt(v), so an entry whose gradient is ~0 can move by up to ~lr
-  either way; that seed shows in the next losses at ~1e-4. Parameters: every tensor has at most
-  5 % of its entries beyond (rtol 1e-3, atol 1e-4), and none beyond 3e-3 (three steps of the
-  heads' learning rate). Measured: 2.4 % of the aux-head entries beyond 1e-4, max 1.3e-3.
+  """The first step (same parameters, one global program) agrees to rtol 1e-5; later steps
+  see parameters that went through sharded reductions (another summation order, float32
+  rounding ~1e-7 relative) and agree to rtol 1e-4. The worker's large Adam eps keeps that
+  rounding from being amplified to +-lr for near-zero gradients, so parameters and BatchNorm
+  statistics are compared entry by entry.
   """
   np.testing.assert_allclose(a['losses'][0], b['losses'][0], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(a['losses'], b['losses'], rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(a['losses'], b['losses'], rtol=1e-4, atol=1e-6)
   params = [k for k in a.files if k.startswith("['params']")]
   assert params
   for k in params + [k for k in a.files if k.startswith("['batch_stats']")]:
-    np.testing.assert_allclose(a[k], b[k], rtol=0, atol=3e-3, err_msg=k)
-    off = ~np.isclose(a[k], b[k], rtol=1e-3, atol=1e-4)
-    assert off.mean() <= 0.05, (k, off.mean())
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
 @pytest.fixture(scope='module')

@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dmue_jax.models import fast_grads
+
 Dtype = Any
 
 # Blocks per stage and block type for each backbone name.
@@ -172,7 +174,7 @@ def _conv(features, kernel, stride, dtype, name):
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
                  use_bias=False, dtype=dtype, param_dtype=jnp.float32,
                  kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
-                 name=name)
+                 conv_general_dilated=fast_grads.conv_for_backend(), name=name)
 
 
 class Block(nn.Module):
@@ -245,7 +247,7 @@ class Trunk(nn.Module):
     x = _conv(width, 7, 2, self.dtype, 'conv1')(x)
     x = BatchNorm(dtype=self.dtype, name='bn1')(x, train=train)
     if self.stem == 'reference':
-      x = nn.max_pool(x, (2, 2), (2, 2))
+      x = fast_grads.max_pool_2x2(x)
     else:
       x = nn.relu(x)
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))

@@ -1,0 +1,133 @@
+"""The tap-gradient convolution computes what lax's convolution computes, value and gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dmue_jax.models import fast_grads as conv
+from dmue_jax.models import resnet
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def lax_conv(x, w, strides, padding):
+  return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+
+
+def tap_conv(x, w, strides, padding):
+  return conv.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+
+
+def random_case(shape_x, shape_w, seed=0):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.normal(size=shape_x), jnp.float32),
+          jnp.asarray(rng.normal(size=shape_w), jnp.float32))
+
+
+@pytest.mark.parametrize('kernel,stride,padding,size', [
+    (3, 1, ((1, 1), (1, 1)), 9),
+    (3, 2, ((1, 1), (1, 1)), 9),       # odd size, stride 2: the last row/column is dropped
+    (7, 2, ((3, 3), (3, 3)), 16),      # the stem
+    (1, 2, ((0, 0), (0, 0)), 8),       # downsample
+    (3, 2, ((0, 2), (1, 0)), 10),      # asymmetric padding
+])
+def test_value_and_gradients_equal_lax(kernel, stride, padding, size):
+  x, w = random_case((3, size, size, 4), (kernel, kernel, 4, 5))
+  strides = (stride, stride)
+  want = lax_conv(x, w, strides, padding)
+  got = jax.jit(tap_conv, static_argnums=(2, 3))(x, w, strides, padding)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  cot = jnp.asarray(np.random.default_rng(1).normal(size=want.shape), jnp.float32)
+  loss = lambda f: (lambda x, w: jnp.sum(f(x, w, strides, padding) * cot))
+  want_dx, want_dw = jax.grad(loss(lax_conv), argnums=(0, 1))(x, w)
+  got_dx, got_dw = jax.jit(jax.grad(loss(tap_conv), argnums=(0, 1)))(x, w)
+  np.testing.assert_allclose(got_dx, want_dx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_dw, want_dw, rtol=1e-5, atol=1e-5)
+
+
+def test_vmapped_kernels_like_stacked_branches():
+  """Branch mode 'vmap' batches both the input and the kernel."""
+  rng = np.random.default_rng(2)
+  xs = jnp.asarray(rng.normal(size=(2, 3, 6, 6, 4)), jnp.float32)
+  ws = jnp.asarray(rng.normal(size=(2, 3, 3, 4, 4)), jnp.float32)
+  pad = ((1, 1), (1, 1))
+  f = lambda conv_fn: jax.vmap(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv_fn(x, w, (2, 2), pad))),
+                                        argnums=1))
+  np.testing.assert_allclose(f(tap_conv)(xs, ws), f(lax_conv)(xs, ws), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_gradient_has_the_kernel_dtype():
+  x, w = random_case((2, 8, 8, 4), (3, 3, 4, 4))
+  x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  dw = jax.grad(lambda w: jnp.sum(tap_conv(x, w, (1, 1), ((1, 1), (1, 1))).astype(jnp.float32)))(w)
+  ref = jax.grad(lambda w: jnp.sum(lax_conv(x.astype(jnp.float32), w, (1, 1), ((1, 1), (1, 1)))))(
+      w.astype(jnp.float32))
+  assert dw.dtype == jnp.bfloat16
+  np.testing.assert_allclose(dw.astype(jnp.float32), ref, rtol=2e-2, atol=2e-1)
+
+
+def test_other_convolutions_fall_back_to_lax():
+  x, w = random_case((2, 8, 8, 4), (3, 3, 2, 4))
+  got = conv.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC,
+                                  feature_group_count=2)
+  want = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC,
+                                      feature_group_count=2)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_backend_choice_and_override(monkeypatch):
+  monkeypatch.delenv('DMUE_CONV_KERNEL_GRAD', raising=False)
+  assert conv.conv_for_backend('cpu') is conv.conv_general_dilated
+  assert conv.conv_for_backend('gpu') is jax.lax.conv_general_dilated
+  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'xla')
+  assert conv.conv_for_backend('cpu') is jax.lax.conv_general_dilated
+  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'taps')
+  assert conv.conv_for_backend('tpu') is conv.conv_general_dilated
+  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'fast')
+  with pytest.raises(ValueError, match='xla or taps'):
+    conv.conv_for_backend('cpu')
+
+
+def test_flax_conv_in_a_resnet_block_matches_lax(monkeypatch):
+  """Through flax's nn.Conv (its own dimension numbers and padding form) in a real block."""
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 8, 8, 8)), jnp.float32)
+  block = resnet.Block(16, 'basic', stride=2, downsample=True)
+  variables = block.init(jax.random.key(0), x, train=False)
+
+  def grads():
+    def loss(params):
+      y, _ = block.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+      return jnp.sum(jnp.tanh(y))
+    return jax.grad(loss)(variables['params'])
+
+  calls = []
+  original = conv.kernel_grad_taps
+  monkeypatch.setattr(conv, 'kernel_grad_taps',
+                      lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'taps')
+  taps = grads()
+  assert sorted(calls) == sorted([(3, 3, 8, 16), (3, 3, 16, 16), (1, 1, 8, 16)])
+  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'xla')
+  xla = grads()
+  assert len(calls) == 3
+  for a, b in zip(jax.tree.leaves(taps), jax.tree.leaves(xla)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('size', [8, 7])
+def test_max_pool_matches_flax_with_ties(size):
+  """Value and gradient equal nn.max_pool's (select-and-scatter: first maximum takes it all),
+  including windows with tied maxima (after a ReLU) and an odd size (floor mode)."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32)
+  x = jnp.maximum(x, 0.3)  # many windows tie at 0.3
+  x = x.at[0, 0, 0, 0].set(2.0).at[0, 1, 1, 0].set(2.0)   # a tie across the window's diagonal
+  ref = lambda x: nn.max_pool(x, (2, 2), (2, 2))
+  cot = jnp.asarray(rng.normal(size=ref(x).shape), jnp.float32)
+  np.testing.assert_array_equal(conv.max_pool_2x2(x), ref(x))
+  got = jax.jit(jax.grad(lambda x: jnp.sum(conv.max_pool_2x2(x) * cot)))(x)
+  want = jax.grad(lambda x: jnp.sum(ref(x) * cot))(x)
+  np.testing.assert_array_equal(got, want)
+  assert float(got[0, 1, 1, 0]) == 0.0 and float(got[0, 0, 0, 0]) == float(cot[0, 0, 0, 0])
