@@ -25,6 +25,15 @@ class CheckpointError(UserError):
   """A checkpoint that cannot be read; the message names the path and the fix."""
 
 
+def check_workdir(workdir: str) -> None:
+  """Rejects URL workdirs (gs://...): metrics, results and checkpoints are written with local
+  file I/O, so a bucket must be mounted (gcsfuse) or a shared filesystem used instead."""
+  if '://' in workdir:
+    raise CheckpointError(
+        f'--workdir {workdir}: URLs are not supported. Mount the bucket (e.g. gcsfuse) or use a '
+        'shared filesystem, and pass that directory, e.g. --workdir /mnt/bucket/run.')
+
+
 def manager(workdir: str, *, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
   directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
   policy = pp.AnyPreservationPolicy([

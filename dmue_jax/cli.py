@@ -63,5 +63,16 @@ def _parse_flags(argv):
     fail(f'{e}. Check the flag name and value type (overrides look like '
          '--config.input.batch_per_class=4).')
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    fail(f'bad --config override: {e}. Fields are listed in dmue_jax/config_lib.py; '
+    message = _plain_message(e)
+    end = '' if message.endswith(('.', '?', '!')) else '.'
+    fail(f'bad --config override: {message}{end} Fields are listed in dmue_jax/config_lib.py; '
          'values must have the field\'s type.')
+
+
+def _plain_message(e: BaseException) -> str:
+  """The text of an error that may wrap another (ml_collections raises AttributeError(KeyError));
+  a KeyError's str() is the repr of its message, with quotes and escaped newlines."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  text = e.args[0] if isinstance(e, KeyError) and e.args else e
+  return ' '.join(str(text).split())

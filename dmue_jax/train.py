@@ -289,6 +289,12 @@ class NonFiniteLossError(UserError):
   """The loss became NaN or Inf; the run stops and keeps its last good checkpoint."""
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """[] bool: every entry of every array in `tree` is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 @dataclasses.dataclass
 class RunData:
   """What the loop needs from the dataset: sources, (noisy) labels and bookkeeping."""
@@ -384,6 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   confusion_matrix.png (process 0). Returns the results dict.
   """
   config_lib.validate(config)
+  checkpoints.check_workdir(workdir)
   parallel.initialize_distributed(config.parallel)
   is_main = jax.process_index() == 0
   data = prepare_data(config)
@@ -448,6 +455,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    done // spe - 1, last_eval['eval_accuracy'],
                    last_eval['eval_mean_class_accuracy'])
     if epoch_end or done % config.checkpoint_every_steps == 0 or done == total_steps:
+      # The loss is computed before the update, so a step can leave NaN/Inf parameters behind
+      # a finite loss: never let such a state replace the last good checkpoint.
+      if not bool(parallel.to_host(_all_finite(state.params))):
+        raise NonFiniteLossError(
+            f'the parameters became non-finite at step {done} (epoch {step // spe}); the run '
+            f'stopped and the last good checkpoint in {mgr.directory} is kept. Lower the '
+            'learning rates (config.optim.*) or check the data.')
       ckpt_metrics = ({'eval_accuracy': last_eval['eval_accuracy']}
                       if epoch_end and last_eval is not None else None)
       checkpoints.save(mgr, done, state, _meta(config, data, done), metrics=ckpt_metrics)

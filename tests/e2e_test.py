@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -82,12 +83,41 @@ def test_killed_and_restarted_run_equals_uninterrupted(tmp_path, cache):
   proc = run_main(broken, cache, env_extra={'DMUE_TEST_KILL_AFTER_STEP': '5'}, check=False)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   assert not os.path.exists(broken / 'results.json')
-  run_main(broken, cache)
+  restarted = run_main(broken, cache)
+  # It really resumed (from the step-4 checkpoint) rather than training again from scratch.
+  assert re.search(r'Resumed from \S+ at step 4\.', restarted.stderr), restarted.stderr[-2000:]
   assert train_losses(broken) == train_losses(whole)
   a = json.loads((whole / 'results.json').read_text())
   b = json.loads((broken / 'results.json').read_text())
   assert a['eval_accuracy'] == b['eval_accuracy']
   assert a['confusion_matrix'] == b['confusion_matrix']
+  # The evaluate command restores the final checkpoint and reproduces the run's own figures.
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'dmue_jax.evaluate', '--workdir', str(whole), '--step', '6'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  printed = json.loads(proc.stdout.strip().splitlines()[-1])
+  written = json.loads((whole / 'evaluate.json').read_text())
+  assert printed['step'] == written['step'] == 6
+  assert written['eval_accuracy'] == a['eval_accuracy']
+  assert written['confusion_matrix'] == a['confusion_matrix']
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, cache):
+  workdir = str(tmp_path / 'nan')
+  config = tiny_config(cache)
+  config.checkpoint_every_steps = 1
+  # A huge head learning rate: the first update leaves enormous (still finite) weights whose
+  # activations overflow on the next forward pass.
+  config.optim.head_lr = ((100, 1e30),)
+  with pytest.raises(train.NonFiniteLossError, match=r'at step \d+') as caught:
+    train.train_and_evaluate(config, workdir)
+  failed_step = int(re.search(r'at step (\d+)', str(caught.value)).group(1))
+  assert 'last good checkpoint' in str(caught.value)
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  assert saved and saved[-1] < failed_step
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))
 
 
 @pytest.mark.parametrize('override, needle', [
@@ -100,6 +130,7 @@ def test_bad_override_is_one_clear_error(tmp_path, override, needle):
   assert proc.returncode != 0
   assert 'Traceback' not in proc.stderr
   assert needle in proc.stderr
+  assert '\\n' not in proc.stderr  # no repr-escaped message
   assert proc.stderr.strip().splitlines()[-1].startswith('error:')
 
 
@@ -112,3 +143,11 @@ def test_missing_dataset_is_one_clear_error(tmp_path):
   assert proc.returncode == 2
   assert 'Traceback' not in proc.stderr
   assert 'nowhere' in proc.stderr
+
+
+def test_url_workdir_is_one_clear_error(tmp_path):
+  proc = run_main('gs://bucket/run', tmp_path / 'cache', check=False)
+  assert proc.returncode != 0
+  assert 'Traceback' not in proc.stderr
+  assert 'gcsfuse' in proc.stderr.strip().splitlines()[-1]
+  assert not os.path.exists(os.path.join(ROOT, 'gs:'))

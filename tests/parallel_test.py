@@ -28,18 +28,18 @@ def run_worker(out, steps, **env):
 
 
 def assert_same_training(a, b):
-  """The first step (same parameters, one global program) agrees to rtol 1e-5; later steps
-  see parameters that went through sharded reductions (another summation order, float32
-  rounding ~1e-7 relative) and agree to rtol 1e-4. The worker's large Adam eps keeps that
-  rounding from being amplified to +-lr for near-zero gradients, so parameters and BatchNorm
-  statistics are compared entry by entry.
+  """Losses, parameters and BatchNorm statistics agree entry by entry to rtol 1e-5.
+
+  Sharded reductions sum in another order, so float32 rounding (~1e-7 relative) differs; the
+  worker's large Adam eps keeps that rounding from being amplified to +-lr for near-zero
+  gradients. atol 2e-6 covers entries that are themselves near zero (measured on 2 CPU
+  cores: largest parameter difference 9.6e-7, largest relative loss difference 1.1e-6).
   """
-  np.testing.assert_allclose(a['losses'][0], b['losses'][0], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(a['losses'], b['losses'], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(a['losses'], b['losses'], rtol=1e-5, atol=1e-6)
   params = [k for k in a.files if k.startswith("['params']")]
   assert params
   for k in params + [k for k in a.files if k.startswith("['batch_stats']")]:
-    np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=2e-6, err_msg=k)
 
 
 @pytest.fixture(scope='module')
@@ -74,8 +74,7 @@ def test_two_processes_equal_one(one_device, tmp_path):
     assert p.returncode == 0, err[-3000:]
   two = np.load(tmp_path / 'two.npz')
   assert int(two['devices']) == 2
-  np.testing.assert_allclose(two['losses'][0], one_device['losses'][0], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(two['losses'], one_device['losses'][:2], rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(two['losses'], one_device['losses'][:2], rtol=1e-5, atol=1e-6)
 
 
 def main_losses(workdir, devices):
