@@ -231,7 +231,9 @@ def collect(config, variables, data: train.RunData, mesh) -> SampleTable:
 
   n = len(source)
   table: dict[str, np.ndarray] = {}
-  for b, batch in enumerate(input_pipeline.prefetch_map(make, range(index.shape[0]))):
+  batches = input_pipeline.prefetch_map(make, range(index.shape[0]),
+                                        num_threads=config.input.num_workers or None)
+  for b, batch in enumerate(batches):
     glob = parallel.global_batch(batch, sharding, 1)
     outs = {name: parallel.to_host(v) for name, v in step_fn(variables, glob['image']).items()}
     outs['truth'] = parallel.to_host(glob['truth'])

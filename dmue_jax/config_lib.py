@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.input.label_noise_seed = 0
   config.input.augment = True         # the reference augmentation (SPEC Q5)
   config.input.eval_batch_size = 64
-  config.input.num_workers = 0        # grain worker processes; 0 = in-process
+  config.input.num_workers = 0        # threads building batches ahead; 0 = the usable cores
   config.input.synthfer_num_train = 2800
   config.input.synthfer_num_test = 700
   config.input.synthfer_seed = 0
@@ -142,6 +142,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not sched or ends != sorted(ends):
       raise ConfigError(f'config.optim.{name} must be a non-empty list of (end_epoch, lr) '
                         'pairs with increasing end epochs.')
+  if config.input.num_workers < 0:
+    raise ConfigError(f'config.input.num_workers={config.input.num_workers} must be 0 (the '
+                      'usable cores) or a positive number of threads.')
   if config.num_epochs < 1:
     raise ConfigError(f'config.num_epochs={config.num_epochs} must be at least 1.')
 

@@ -348,7 +348,7 @@ def predict_split(p_eval, variables, source, config, mesh, *, return_logits=Fals
   for batch in input_pipeline.eval_batches(
       source, batch_size=config.input.eval_batch_size, image_size=config.input.image_size,
       resize_size=config.input.resize_size, process_index=jax.process_index(),
-      process_count=jax.process_count()):
+      process_count=jax.process_count(), num_threads=config.input.num_workers or None):
     mask = parallel.to_host(parallel.global_batch(
         {'m': batch['mask']}, parallel.eval_batch_sharding(mesh), 0)['m'])
     glob = parallel.global_batch({'image': batch['image'], 'label': batch['label']},
@@ -426,8 +426,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = _progress(is_main and config.progress_bar, total_steps, start_step)
   timer = _Throughput(c * k)
   last_eval = None
-  for step, local in zip(range(start_step, total_steps),
-                         batches.iterate(start_step, num_steps=total_steps - start_step)):
+  local_batches = batches.iterate(start_step, num_steps=total_steps - start_step,
+                                  num_threads=config.input.num_workers or None)
+  for step, local in zip(range(start_step, total_steps), local_batches):
     batch = parallel.global_batch({'image': local['image'], 'label': local['label']},
                                   parallel.train_batch_sharding(mesh), 1)
     state, step_metrics = p_train(state, batch, dropout_rng)

@@ -91,9 +91,10 @@ def test_rafdb_splits_labels_and_order(tmp_path):
   assert os.path.isdir(os.path.join(data_dir, 'tfds', 'rafdb'))  # the default cache dir
 
 
-def test_rafdb_distribution_file(tmp_path):
+@pytest.mark.parametrize('name', ['distribution.txt', 'list_distribute_basic.txt'])
+def test_rafdb_distribution_file(tmp_path, name):
   data_dir = make_rafdb(tmp_path / 'raf')
-  with open(os.path.join(data_dir, 'EmoLabel', 'distribution.txt'), 'w') as f:
+  with open(os.path.join(data_dir, 'EmoLabel', name), 'w') as f:
     f.write('train_00001.jpg 1 0 0 0 3 0 0\n')          # counts: normalised
     f.write('train_00002_aligned.jpg 0.5 0.5 0 0 0 0 0\n')
   splits = datasets.load(input_config(dataset='rafdb', data_dir=data_dir))

@@ -4,7 +4,7 @@ Expected layout of the manual dir (`config.input.data_dir`):
 
     EmoLabel/list_patition_label.txt     lines "train_00001.jpg 5"; labels 1..7
     Image/aligned/train_00001_aligned.jpg   100x100 aligned faces
-    EmoLabel/*distribution*              optional: lines "<name> p1 ... p7"
+    EmoLabel/*distribut*                 optional: lines "<name> p1 ... p7"
 
 Labels 1..7 (Surprise, Fear, Disgust, Happiness, Sadness, Anger, Neutral) become 0..6 in
 that order. The split is the file-name prefix (train_ / test_): 12,271 / 3,068 images.
@@ -55,7 +55,7 @@ def parse_label_file(path: str) -> list[tuple[str, int]]:
 
 def find_distribution_file(data_dir: str) -> str | None:
   folder = os.path.join(data_dir, 'EmoLabel')
-  found = sorted(n for n in os.listdir(folder) if 'distribution' in n.lower())
+  found = sorted(n for n in os.listdir(folder) if 'distribut' in n.lower())
   if len(found) > 1:
     logging.warning('RAF-DB: several distribution files in %s, using %s', folder, found[0])
   return os.path.join(folder, found[0]) if found else None
