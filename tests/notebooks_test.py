@@ -35,5 +35,10 @@ def test_saved_notebook_has_no_outputs_or_machine_paths(name):
     if cell['cell_type'] == 'code':
       assert cell.get('outputs') == [] and cell.get('execution_count') is None
   # Only Colab's own paths may appear; nothing from a developer's machine.
-  for path in re.findall(r"'(/[^'\s]*)'", text):
+  source = '\n'.join(''.join(cell['source']) for cell in nb['cells'])
+  for path in re.findall(r"['\"](/[^'\"\s]*)['\"]", source):
     assert path.startswith('/content'), path
+  machine = re.findall(r'(?:^|[\s\'"(=])(/(?:work|tmp|home|Users|root)/[^\s\'"]*)',
+                       source)
+  assert not machine, machine
+  assert not re.search(r'[A-Za-z]:\\\\(?:Users|Documents)', source)
