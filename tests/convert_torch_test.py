@@ -304,6 +304,31 @@ def test_pretrained_backbone_goes_into_every_branch(tmp_path, layout):
   assert not np.array_equal(other['params']['head']['kernel'], p['head']['kernel'])
 
 
+@pytest.mark.parametrize('dmue_enabled', [True, False])
+def test_init_from_starts_training_from_the_file(tmp_path, dmue_enabled):
+  """config.model.init_from: the run's initial variables are the converted file's, cut to the
+  target branch for the plain cross-entropy baseline."""
+  config = make_config(3)
+  net = reference_model(config, seed=7)
+  backbone = ref.single_backbone_state_dict(net.state_dict(), branch=0)
+  path = save(ref.torchvision_state_dict(backbone, 128), tmp_path / 'imagenet.pth')
+  config.model.init_from = str(path)
+  config.dmue.enabled = dmue_enabled
+  variables = train.initial_variables(config, jax.random.key(0))
+  loaded = convert_torch.load_official_checkpoint(str(path), config)
+  if not dmue_enabled:
+    loaded = dmue_model.inference_variables(loaded)
+    assert 'aux_heads' not in variables['params'] and 'branch' in variables['params']
+  same = jax.tree.map(np.array_equal, variables, loaded)
+  assert all(jax.tree.leaves(same))
+  conv1 = net.state_dict()['base.conv1.weight'].numpy()   # [O, I, kh, kw] -> [kh, kw, I, O]
+  np.testing.assert_array_equal(variables['params']['trunk']['conv1']['kernel'],
+                                conv1.transpose(2, 3, 1, 0))
+  random = train.initial_variables(make_config(3), jax.random.key(0))
+  assert not np.array_equal(random['params']['trunk']['conv1']['kernel'],
+                            variables['params']['trunk']['conv1']['kernel'])
+
+
 # ------------------------------------------------------------------ other backbones
 @pytest.mark.parametrize('backbone', ['resnet18', 'resnet34', 'resnet50', 'resnet50_ibn'])
 def test_other_backbones_round_trip(backbone):
