@@ -14,6 +14,7 @@ import jax
 from ml_collections import config_flags
 
 from dmue_jax import cli
+from dmue_jax import parallel
 from dmue_jax import train
 
 FLAGS = flags.FLAGS
@@ -26,9 +27,11 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  logging.info('JAX %s, process %d of %d, devices: %s', jax.__version__, jax.process_index(),
-               jax.process_count(), jax.devices())
   with cli.user_errors():
+    # Before any call that starts the XLA backend (jax.devices() below included).
+    parallel.initialize_distributed(FLAGS.config.parallel)
+    logging.info('JAX %s, process %d of %d, devices: %s', jax.__version__,
+                 jax.process_index(), jax.process_count(), jax.devices())
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

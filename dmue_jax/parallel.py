@@ -27,6 +27,8 @@ def initialize_distributed(parallel_config) -> None:
   them. On TPU pods with nothing set, JAX finds the peers itself (`jax.distributed.initialize()`
   without arguments) when DMUE_AUTO_DISTRIBUTED=1.
   """
+  if jax.distributed.is_initialized():  # the command already did (before its first JAX call)
+    return
   address = os.environ.get('DMUE_COORDINATOR', parallel_config.coordinator_address)
   count = int(os.environ.get('DMUE_NUM_PROCESSES', parallel_config.num_processes))
   pid = int(os.environ.get('DMUE_PROCESS_ID', parallel_config.process_id))

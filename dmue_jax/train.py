@@ -307,7 +307,7 @@ class RunData:
 
 def prepare_data(config) -> RunData:
   """Loads the dataset, settles num_classes, applies label noise, derives steps per epoch."""
-  splits = datasets.load(config.input)
+  splits = _load_splits(config)
   names = list(splits.class_names)
   if config.input.dataset == 'folder' and config.model.num_classes == 0:
     config.model.num_classes = len(names)
@@ -323,6 +323,21 @@ def prepare_data(config) -> RunData:
   batch = config.input.batch_per_class * len(names)
   spe = config.steps_per_epoch or max(1, len(clean) // batch)
   return RunData(splits, labels, clean, flipped, int(spe))
+
+
+def _load_splits(config):
+  """datasets.load, with process 0 preparing first when there are several processes.
+
+  Processes that share a filesystem would otherwise all build the same TFDS files at once and
+  collide when they move them into place; the others read what process 0 prepared (or build
+  their own where the disk is not shared).
+  """
+  if jax.process_count() == 1:
+    return datasets.load(config.input)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  splits = datasets.load(config.input) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices('dmue_jax: dataset prepared')
+  return splits if splits is not None else datasets.load(config.input)
 
 
 def initial_variables(config, rng) -> Variables:

@@ -100,6 +100,48 @@ def test_main_logs_same_losses_on_one_and_four_devices(tmp_path):
   np.testing.assert_allclose([l for _, l in four], [l for _, l in one], rtol=1e-5)
 
 
+def run_two_process_main(workdir, epochs):
+  """`python -m dmue_jax.main` as two jax.distributed processes sharing one workdir."""
+  port = free_port()
+  procs = []
+  for pid in range(2):
+    env = env_with(DMUE_COORDINATOR=f'127.0.0.1:{port}', DMUE_NUM_PROCESSES='2',
+                   DMUE_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(
+        [sys.executable, '-m', 'dmue_jax.main', '--config', 'configs/default.py:tiny',
+         '--workdir', str(workdir), '--config.log_every_steps=1',
+         '--config.input.batch_per_class=4', '--config.progress_bar=False',
+         '--config.analyze_at_end=False', f'--config.num_epochs={epochs}',
+         f'--config.input.cache_dir={workdir.parent / "tfds"}'],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  errs = []
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    errs.append(err)
+  with open(workdir / 'metrics.jsonl') as f:
+    recs = [json.loads(line) for line in f]
+  return [(r['step'], r['train_loss']) for r in recs if 'train_loss' in r], errs
+
+
+def test_two_process_main_checkpoints_resumes_and_matches_one(tmp_path):
+  """The training command on two processes (one shared workdir and dataset cache): process 0
+  prepares the data, both write the orbax checkpoints, only process 0 writes metrics, and a
+  restart resumes on both processes."""
+  workdir = tmp_path / 'two'
+  first, _ = run_two_process_main(workdir, epochs=1)
+  assert [s for s, _ in first] == [1, 2, 3]
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '3']
+  assert (workdir / 'results.json').exists()
+  one = main_losses(tmp_path / 'one', 1)
+  np.testing.assert_allclose([l for _, l in first], [l for _, l in one], rtol=1e-5)
+  longer, errs = run_two_process_main(workdir, epochs=2)
+  for err in errs:
+    assert 'Resumed from' in err and 'at step 3.' in err, err[-2000:]
+  assert [s for s, _ in longer] == [1, 2, 3, 4, 5, 6]
+  assert longer[:3] == first
+
+
 def test_uneven_split_is_a_config_error(tmp_path):
   env = env_with(XLA_FLAGS='--xla_force_host_platform_device_count=4')
   proc = subprocess.run(
