@@ -60,18 +60,25 @@ def free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(one_device, tmp_path):
+def run_two_processes(args):
+  """Runs `python args...` as two jax.distributed processes on 127.0.0.1; returns their stderr."""
   port = free_port()
   procs = []
   for pid in range(2):
     env = env_with(DMUE_COORDINATOR=f'127.0.0.1:{port}', DMUE_NUM_PROCESSES='2',
                    DMUE_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen([sys.executable, WORKER, str(tmp_path / 'two.npz'), '2'],
-                                  cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
+    procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  errs = []
   for p in procs:
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
+    errs.append(err)
+  return errs
+
+
+def test_two_processes_equal_one(one_device, tmp_path):
+  run_two_processes([WORKER, str(tmp_path / 'two.npz'), '2'])
   two = np.load(tmp_path / 'two.npz')
   assert int(two['devices']) == 2
   np.testing.assert_allclose(two['losses'], one_device['losses'][:2], rtol=1e-5, atol=1e-6)
@@ -102,23 +109,11 @@ def test_main_logs_same_losses_on_one_and_four_devices(tmp_path):
 
 def run_two_process_main(workdir, epochs):
   """`python -m dmue_jax.main` as two jax.distributed processes sharing one workdir."""
-  port = free_port()
-  procs = []
-  for pid in range(2):
-    env = env_with(DMUE_COORDINATOR=f'127.0.0.1:{port}', DMUE_NUM_PROCESSES='2',
-                   DMUE_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen(
-        [sys.executable, '-m', 'dmue_jax.main', '--config', 'configs/default.py:tiny',
-         '--workdir', str(workdir), '--config.log_every_steps=1',
-         '--config.input.batch_per_class=4', '--config.progress_bar=False',
-         '--config.analyze_at_end=False', f'--config.num_epochs={epochs}',
-         f'--config.input.cache_dir={workdir.parent / "tfds"}'],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  errs = []
-  for p in procs:
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
-    errs.append(err)
+  errs = run_two_processes(
+      ['-m', 'dmue_jax.main', '--config', 'configs/default.py:tiny', '--workdir', str(workdir),
+       '--config.log_every_steps=1', '--config.input.batch_per_class=4',
+       '--config.progress_bar=False', '--config.analyze_at_end=False',
+       f'--config.num_epochs={epochs}', f'--config.input.cache_dir={workdir.parent / "tfds"}'])
   with open(workdir / 'metrics.jsonl') as f:
     recs = [json.loads(line) for line in f]
   return [(r['step'], r['train_loss']) for r in recs if 'train_loss' in r], errs
