@@ -232,7 +232,7 @@ def collect(config, variables, data: train.RunData, mesh) -> SampleTable:
   n = len(source)
   table: dict[str, np.ndarray] = {}
   batches = input_pipeline.prefetch_map(make, range(index.shape[0]),
-                                        num_threads=config.input.num_workers or None)
+                                        num_threads=config.input.num_workers)
   for b, batch in enumerate(batches):
     glob = parallel.global_batch(batch, sharding, 1)
     outs = {name: parallel.to_host(v) for name, v in step_fn(variables, glob['image']).items()}

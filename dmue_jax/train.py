@@ -289,6 +289,15 @@ class NonFiniteLossError(UserError):
   """The loss became NaN or Inf; the run stops and keeps its last good checkpoint."""
 
 
+def _non_finite(what: str, step: int, steps_per_epoch: int,
+                directory) -> NonFiniteLossError:
+  """The error that stops a run at 1-based `step`; `what` says what became non-finite."""
+  return NonFiniteLossError(
+      f'{what} at step {step} (epoch {(step - 1) // steps_per_epoch}); the run stopped and the '
+      f'last good checkpoint in {directory} is kept. Lower the learning rates (config.optim.*) '
+      'or check the data.')
+
+
 @jax.jit
 def _all_finite(tree) -> jax.Array:
   """[] bool: every entry of every array in `tree` is finite."""
@@ -363,7 +372,7 @@ def predict_split(p_eval, variables, source, config, mesh, *, return_logits=Fals
   for batch in input_pipeline.eval_batches(
       source, batch_size=config.input.eval_batch_size, image_size=config.input.image_size,
       resize_size=config.input.resize_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_threads=config.input.num_workers or None):
+      process_count=jax.process_count(), num_threads=config.input.num_workers):
     mask = parallel.to_host(parallel.global_batch(
         {'m': batch['mask']}, parallel.eval_batch_sharding(mesh), 0)['m'])
     glob = parallel.global_batch({'image': batch['image'], 'label': batch['label']},
@@ -442,17 +451,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   timer = _Throughput(c * k)
   last_eval = None
   local_batches = batches.iterate(start_step, num_steps=total_steps - start_step,
-                                  num_threads=config.input.num_workers or None)
+                                  num_threads=config.input.num_workers)
   for step, local in zip(range(start_step, total_steps), local_batches):
     batch = parallel.global_batch({'image': local['image'], 'label': local['label']},
                                   parallel.train_batch_sharding(mesh), 1)
     state, step_metrics = p_train(state, batch, dropout_rng)
     loss = float(step_metrics['train_loss'])
     if not np.isfinite(loss):
-      raise NonFiniteLossError(
-          f'the training loss became {loss} at step {step + 1} (epoch {step // spe}); the run '
-          f'stopped and the last good checkpoint in {mgr.directory} is kept. Lower the learning '
-          'rates (config.optim.*) or check the data.')
+      raise _non_finite(f'the training loss became {loss}', step + 1, spe, mgr.directory)
     timer.tick()
     done = step + 1
     if progress is not None:
@@ -474,10 +480,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       # The loss is computed before the update, so a step can leave NaN/Inf parameters behind
       # a finite loss: never let such a state replace the last good checkpoint.
       if not bool(parallel.to_host(_all_finite(state.params))):
-        raise NonFiniteLossError(
-            f'the parameters became non-finite at step {done} (epoch {step // spe}); the run '
-            f'stopped and the last good checkpoint in {mgr.directory} is kept. Lower the '
-            'learning rates (config.optim.*) or check the data.')
+        raise _non_finite('the parameters became non-finite', done, spe, mgr.directory)
       ckpt_metrics = ({'eval_accuracy': last_eval['eval_accuracy']}
                       if epoch_end and last_eval is not None else None)
       checkpoints.save(mgr, done, state, _meta(config, data, done), metrics=ckpt_metrics)

@@ -84,19 +84,28 @@ def test_two_processes_equal_one(one_device, tmp_path):
   np.testing.assert_allclose(two['losses'], one_device['losses'][:2], rtol=1e-5, atol=1e-6)
 
 
-def main_losses(workdir, devices):
-  env = env_with(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  proc = subprocess.run(
-      [sys.executable, '-m', 'dmue_jax.main', '--config', 'configs/default.py:tiny',
-       '--workdir', str(workdir), '--config.log_every_steps=1',
-       '--config.input.batch_per_class=4', '--config.progress_bar=False',
-       '--config.analyze_at_end=False', '--config.num_epochs=1',
-       f'--config.input.cache_dir={workdir.parent / "tfds"}'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+def main_args(workdir, epochs=1):
+  """`python -m dmue_jax.main` on the tiny config, k=4, every step logged."""
+  return ['-m', 'dmue_jax.main', '--config', 'configs/default.py:tiny',
+          '--workdir', str(workdir), '--config.log_every_steps=1',
+          '--config.input.batch_per_class=4', '--config.progress_bar=False',
+          '--config.analyze_at_end=False', f'--config.num_epochs={epochs}',
+          f'--config.input.cache_dir={workdir.parent / "tfds"}']
+
+
+def logged_losses(workdir):
+  """[(step, train_loss)] from workdir/metrics.jsonl."""
   with open(workdir / 'metrics.jsonl') as f:
     recs = [json.loads(line) for line in f]
   return [(r['step'], r['train_loss']) for r in recs if 'train_loss' in r]
+
+
+def main_losses(workdir, devices):
+  env = env_with(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  proc = subprocess.run([sys.executable, *main_args(workdir)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return logged_losses(workdir)
 
 
 def test_main_logs_same_losses_on_one_and_four_devices(tmp_path):
@@ -109,14 +118,8 @@ def test_main_logs_same_losses_on_one_and_four_devices(tmp_path):
 
 def run_two_process_main(workdir, epochs):
   """`python -m dmue_jax.main` as two jax.distributed processes sharing one workdir."""
-  errs = run_two_processes(
-      ['-m', 'dmue_jax.main', '--config', 'configs/default.py:tiny', '--workdir', str(workdir),
-       '--config.log_every_steps=1', '--config.input.batch_per_class=4',
-       '--config.progress_bar=False', '--config.analyze_at_end=False',
-       f'--config.num_epochs={epochs}', f'--config.input.cache_dir={workdir.parent / "tfds"}'])
-  with open(workdir / 'metrics.jsonl') as f:
-    recs = [json.loads(line) for line in f]
-  return [(r['step'], r['train_loss']) for r in recs if 'train_loss' in r], errs
+  errs = run_two_processes(main_args(workdir, epochs))
+  return logged_losses(workdir), errs
 
 
 def test_two_process_main_checkpoints_resumes_and_matches_one(tmp_path):
