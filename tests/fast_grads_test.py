@@ -79,14 +79,16 @@ def test_other_convolutions_fall_back_to_lax():
 
 def test_backend_choice_and_override(monkeypatch):
   monkeypatch.delenv('DMUE_CONV_KERNEL_GRAD', raising=False)
-  assert conv.conv_for_backend('cpu') is conv.conv_general_dilated
+  assert conv.conv_for_backend('cpu') is conv.conv_strided_taps
   assert conv.conv_for_backend('gpu') is jax.lax.conv_general_dilated
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'xla')
   assert conv.conv_for_backend('cpu') is jax.lax.conv_general_dilated
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'taps')
   assert conv.conv_for_backend('tpu') is conv.conv_general_dilated
+  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'strided')
+  assert conv.conv_for_backend('gpu') is conv.conv_strided_taps
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'fast')
-  with pytest.raises(ValueError, match='xla or taps'):
+  with pytest.raises(ValueError, match='xla, taps, strided'):
     conv.conv_for_backend('cpu')
 
 
@@ -109,11 +111,16 @@ def test_flax_conv_in_a_resnet_block_matches_lax(monkeypatch):
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'taps')
   taps = grads()
   assert sorted(calls) == sorted([(3, 3, 8, 16), (3, 3, 16, 16), (1, 1, 8, 16)])
+  # The CPU default: only the strided convolutions (the 3x3/2 and the 1x1/2 downsample).
+  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'strided')
+  strided = grads()
+  assert sorted(calls[3:]) == sorted([(3, 3, 8, 16), (1, 1, 8, 16)])
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'xla')
   xla = grads()
-  assert len(calls) == 3
-  for a, b in zip(jax.tree.leaves(taps), jax.tree.leaves(xla)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert len(calls) == 5
+  for a, b, c in zip(jax.tree.leaves(taps), jax.tree.leaves(strided), jax.tree.leaves(xla)):
+    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b, c, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('size', [8, 7])

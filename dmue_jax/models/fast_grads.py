@@ -1,18 +1,25 @@
 """Convolution and 2x2 max-pool whose gradients avoid XLA:CPU's slow paths.
 
-Convolution. XLA:CPU computes the kernel gradient of a convolution as another convolution whose "kernel" is the
-whole output gradient. For the early, wide-spatial ResNet layers that is very slow: measured on a
-2-core x86 CPU (jax 0.10, batch 70, 112 px input), the 3x3 64->64 conv of layer1 (28x28) took
-1.33 s for its kernel gradient against 0.07 s for its forward pass. Written per kernel tap,
-dW[i, j] = sum over (n, h, w) of x[n, s*h+i, s*w+j, :]^T g[n, h, w, :], the same gradient is
-k*k plain matmuls and took 0.16 s. Where the input has few channels (the stem's 7x7 conv on RGB),
-one matmul on the gathered patches [N*Ho*Wo, k*k*Ci] is faster still (0.57 s -> 0.26 s).
+Convolution. XLA:CPU computes the kernel gradient of a convolution as another convolution whose
+"kernel" is the whole output gradient. On 2026-11-28 (a 2-core x86 CPU, batch 70, 112 px input)
+that was very slow for the early, wide-spatial ResNet layers: the 3x3 64->64 conv of layer1
+(28x28) took 1.33 s for its kernel gradient against 0.07 s for its forward pass. Written per
+kernel tap, dW[i, j] = sum over (n, h, w) of x[n, s*h+i, s*w+j, :]^T g[n, h, w, :], the same
+gradient is k*k plain matmuls and took 0.16 s. Where the input has few channels (the stem's 7x7
+conv on RGB), one matmul on the gathered patches [N*Ho*Wo, k*k*Ci] is faster still.
+
+Re-measured on 2026-12-03 (jax 0.10.2, same shapes, forward + both gradients), XLA's own
+gradient now wins for stride-1 convolutions (layer1 3x3: 141 vs 168 ms with taps; layer2: 88 vs
+107 ms), while the taps still win for strided ones (stem: 362 vs 397 ms; layer2's 1x1/2
+downsample: 10.5 vs 29.5 ms). In the whole DMUE step (bench shapes, interleaved medians) taps on
+the strided convolutions only took 5.15 s/step, XLA everywhere 5.45 s, taps everywhere 6.93 s.
 
 `conv_general_dilated` has lax's signature so that it can be handed to `flax.linen.Conv`; it
 takes the tap path for ordinary NHWC/HWIO convolutions (no dilation, no groups, explicit padding)
-and is `lax.conv_general_dilated` otherwise. The forward pass and the input gradient are XLA's own.
-Accelerators' convolution libraries have no such weakness: `conv_for_backend` picks the tap path
-on CPU only. DMUE_CONV_KERNEL_GRAD=xla|taps overrides the choice (for benchmarks).
+and is `lax.conv_general_dilated` otherwise; `conv_strided_taps` does so for strided ones only.
+The forward pass and the input gradient are XLA's own. Accelerators' convolution libraries have
+no such weakness: `conv_for_backend` picks `conv_strided_taps` on CPU and lax's elsewhere.
+DMUE_CONV_KERNEL_GRAD=xla|taps|strided overrides the choice (for benchmarks).
 
 Max-pool. The gradient of the reference stem's 2x2/2 max-pool is a select-and-scatter on XLA, which
 took 0.33 s on [70, 56, 56, 64] (forward 0.01 s). Non-overlapping windows make it an elementwise
@@ -115,14 +122,31 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   return _conv_taps(lhs, rhs, tuple(int(s) for s in window_strides), padding, precision)
 
 
+def conv_strided_taps(lhs, rhs, window_strides, padding, *args, **kwargs):
+  """`conv_general_dilated` (tap kernel gradient) for strided convolutions; lax's at stride 1.
+
+  Where each wins on the CPU is measured in the module docstring.
+  """
+  if all(int(s) == 1 for s in window_strides):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, *args, **kwargs)
+  return conv_general_dilated(lhs, rhs, window_strides, padding, *args, **kwargs)
+
+
+_CONVS = {'xla': lax.conv_general_dilated, 'taps': conv_general_dilated,
+          'strided': conv_strided_taps}
+
+
 def conv_for_backend(backend: str | None = None) -> Callable[..., jax.Array]:
-  """The convolution to give `nn.Conv`: the tap-gradient one on CPU, lax's elsewhere."""
+  """The convolution to give `nn.Conv`: taps for strided convolutions on CPU, lax's elsewhere.
+
+  DMUE_CONV_KERNEL_GRAD=xla|taps|strided overrides the choice (taps = every plain convolution).
+  """
   choice = os.environ.get('DMUE_CONV_KERNEL_GRAD', '')
-  if choice not in ('', 'xla', 'taps'):
-    raise ValueError(f'DMUE_CONV_KERNEL_GRAD must be xla or taps, not {choice!r}')
+  if choice not in ('',) + tuple(_CONVS):
+    raise ValueError(f'DMUE_CONV_KERNEL_GRAD must be one of {", ".join(_CONVS)}, not {choice!r}')
   if not choice:
-    choice = 'taps' if (backend or jax.default_backend()) == 'cpu' else 'xla'
-  return conv_general_dilated if choice == 'taps' else lax.conv_general_dilated
+    choice = 'strided' if (backend or jax.default_backend()) == 'cpu' else 'xla'
+  return _CONVS[choice]
 
 
 # ------------------------------------------------------------------ max-pool
