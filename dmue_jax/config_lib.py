@@ -85,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
                               (60, 1e-5))
   config.optim.head_lr = ((4, 1e-3), (8, 5e-4), (14, 1e-4), (22, 1e-5), (25, 5e-5),
                           (60, 1e-5))
+  # The PUE MLP's own schedule when it is learned (dmue.freeze_pue False; the reference never
+  # updates it). () = the heads' schedule.
+  config.optim.pue_lr = ()
   config.optim.weight_decay = 1e-4
   config.optim.b1 = 0.9
   config.optim.b2 = 0.999
@@ -136,10 +139,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.dmue.T={d.T} must be positive.')
   if d.ramp_a <= 0:
     raise ConfigError(f'config.dmue.ramp_a={d.ramp_a} must be positive.')
-  for name in ('backbone_lr', 'head_lr'):
+  for name in ('backbone_lr', 'head_lr', 'pue_lr'):
     sched = config.optim[name]
     ends = [e for e, _ in sched]
-    if not sched or ends != sorted(ends):
+    if (not sched and name != 'pue_lr') or ends != sorted(ends):
       raise ConfigError(f'config.optim.{name} must be a non-empty list of (end_epoch, lr) '
                         'pairs with increasing end epochs.')
   if config.input.num_workers < 0:

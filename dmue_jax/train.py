@@ -89,8 +89,9 @@ def param_groups(params, config) -> Any:
   """Labels each parameter 'backbone', 'head' or 'frozen' (SPEC 6 and Q2).
 
   The reference optimises only `base` (trunk + every layer4) and `classifiers`; the PUE MLP and
-  the neck never change. The paper's variant (freeze_pue / freeze_neck False) learns them with
-  the heads' rate; the neck's bias stays fixed as in the reference's BNNeck.
+  the neck never change. The paper's variant (freeze_pue / freeze_neck False) learns the neck's
+  scale with the heads' rate (its bias stays fixed as in the reference's BNNeck) and the MLP
+  with config.optim.pue_lr ('pue').
   """
   d = config.dmue
 
@@ -101,7 +102,7 @@ def param_groups(params, config) -> Any:
     if top in ('aux_heads', 'head'):
       return 'head'
     if top == 'pue':
-      return 'frozen' if d.freeze_pue else 'head'
+      return 'frozen' if d.freeze_pue else 'pue'
     if top == 'neck':
       leaf = path[-1].key
       return 'head' if (not d.freeze_neck and leaf == 'scale') else 'frozen'
@@ -112,13 +113,16 @@ def param_groups(params, config) -> Any:
 
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
   o = config.optim
-  return optax.multi_transform(
-      {
-          'backbone': _torch_adam(piecewise_by_epoch(o.backbone_lr, steps_per_epoch), o),
-          'head': _torch_adam(piecewise_by_epoch(o.head_lr, steps_per_epoch), o),
-          'frozen': optax.set_to_zero(),
-      },
-      functools.partial(param_groups, config=config))
+  transforms = {
+      'backbone': _torch_adam(piecewise_by_epoch(o.backbone_lr, steps_per_epoch), o),
+      'head': _torch_adam(piecewise_by_epoch(o.head_lr, steps_per_epoch), o),
+      'frozen': optax.set_to_zero(),
+  }
+  if not config.dmue.freeze_pue:
+    # Only then: a frozen run's optimiser state keeps the reference's two groups.
+    transforms['pue'] = _torch_adam(piecewise_by_epoch(o.pue_lr or o.head_lr, steps_per_epoch),
+                                    o)
+  return optax.multi_transform(transforms, functools.partial(param_groups, config=config))
 
 
 @flax.struct.dataclass

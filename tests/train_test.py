@@ -161,6 +161,29 @@ class TrainStepTest(chex.TestCase):
                                  first['neck']['bn']['scale']))
     np.testing.assert_array_equal(state.params['neck']['bn']['bias'], first['neck']['bn']['bias'])
 
+  def test_pue_lr_is_the_learned_mlps_own_rate(self):
+    config = tiny_config(7)
+    config.dmue.freeze_pue = False
+    config.optim.head_lr = ((100, 1e-3),)
+    params = train.init_variables(config, jax.random.key(0))['params']
+    grads = jax.tree.map(jnp.ones_like, params)
+
+    def first_step(pue_lr):
+      config.optim.pue_lr = pue_lr
+      tx = train.make_optimizer(config, steps_per_epoch=5)
+      updates, _ = tx.update(grads, tx.init(params), params)
+      # Adam's first step moves every entry with a non-zero gradient by about lr.
+      return {name: float(jnp.max(jnp.abs(updates[name]['fc1']['kernel'] if name == 'pue'
+                                          else updates[name]['kernel'])))
+              for name in ('pue', 'head')}
+
+    self.assertAlmostEqual(first_step(())['pue'], 1e-3, delta=1e-5)  # () = the heads' rate
+    moved = first_step(((2, 3e-2), (100, 1e-2)))
+    self.assertAlmostEqual(moved['pue'], 3e-2, delta=3e-4)
+    self.assertAlmostEqual(moved['head'], 1e-3, delta=1e-5)
+    config.dmue.freeze_pue = True
+    self.assertEqual(first_step(((100, 1e-2),))['pue'], 0.0)
+
   def test_loss_terms_invariant_to_batch_order(self):
     config = tiny_config(8)
     variables = train.init_variables(config, jax.random.key(0))
