@@ -93,9 +93,25 @@ def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
 
 
 def config_from_meta(meta: dict):
-  """The run's ConfigDict, rebuilt from the JSON saved with every checkpoint."""
+  """The run's ConfigDict, rebuilt from the JSON saved with every checkpoint.
+
+  A field added to `config_lib.base_config` after the run was saved (e.g. optim.pue_lr) gets
+  its default, so older runs still evaluate, export and analyse.
+  """
   import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(json.loads(meta['config']))
+  from dmue_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(json.loads(meta['config']))
+  _fill_missing(config, config_lib.base_config())
+  return config
+
+
+def _fill_missing(config, defaults) -> None:
+  """Adds to `config` (in place) every field of `defaults` it lacks, recursively."""
+  for name, value in defaults.items():
+    if name not in config:
+      config[name] = value
+    elif hasattr(value, 'items') and hasattr(config[name], 'items'):
+      _fill_missing(config[name], value)
 
 
 def open_run(workdir: str, step: int | None = None):

@@ -1,6 +1,7 @@
 """The model, the train step and the optimiser on tiny synthetic batches."""
 
 import functools
+import json
 
 import chex
 import jax
@@ -10,6 +11,8 @@ import optax
 from absl.testing import parameterized
 
 from configs import rafdb
+from dmue_jax import checkpoints
+from dmue_jax import config_lib
 from dmue_jax import train
 from dmue_jax.models import dmue as dmue_model
 from dmue_jax.models import resnet
@@ -231,3 +234,16 @@ class TrainStepTest(chex.TestCase):
                               (30, 1e-5, 1e-5)]:
       self.assertAlmostEqual(float(fn(epoch * 10 + 3)), lr_b, places=9)
       self.assertAlmostEqual(float(head(epoch * 10 + 3)), lr_h, places=9)
+
+
+def test_config_saved_before_a_field_existed_gets_its_default():
+  """Runs saved before optim.pue_lr existed still evaluate, export and analyse."""
+  config = rafdb.get_config()
+  config.optim.head_lr = ((3, 2e-3),)
+  saved = json.loads(config.to_json())
+  del saved['optim']['pue_lr']
+  restored = checkpoints.config_from_meta({'config': json.dumps(saved)})
+  assert restored.optim.pue_lr == config_lib.base_config().optim.pue_lr
+  np.testing.assert_allclose(restored.optim.head_lr, [[3, 2e-3]])  # saved values are kept
+  config_lib.validate(restored)
+  train.make_optimizer(restored, steps_per_epoch=5)
