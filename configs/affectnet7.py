@@ -14,6 +14,5 @@ def get_config(arg=None):
   config.input.batch_per_class = 10  # 7 x 10 = 70, the reference batch
   config.dmue.ramp_a = 6.0           # reference: AffectNet 4-6
   config.num_epochs = 36
-  if arg == 'runlocal':
-    config_lib.shrink_for_laptop(config)
+  config_lib.apply_presets(config, arg, config_lib.DATASET_PRESETS)
   return config

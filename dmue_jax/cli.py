@@ -59,14 +59,29 @@ def _parse_flags(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    fail(f'{e}. Check the flag name and value type (overrides look like '
-         '--config.input.batch_per_class=4).')
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # A UserError raised inside a config's get_config (an unknown ":variant") arrives wrapped
+    # twice, by ml_collections and by absl, each adding a traceback to the message.
+    inner = _innermost_user_error(e)
+    if inner is not None:
+      fail(str(inner), getattr(inner, 'exit_code', 1))
+    if isinstance(e, flags.Error):
+      fail(f'{e}. Check the flag name and value type (overrides look like '
+           '--config.input.batch_per_class=4).')
     message = _plain_message(e)
     end = '' if message.endswith(('.', '?', '!')) else '.'
     fail(f'bad --config override: {message}{end} Fields are listed in dmue_jax/config_lib.py; '
          'values must have the field\'s type.')
+
+
+def _innermost_user_error(e: BaseException | None) -> UserError | None:
+  """The deepest UserError in e's chain of causes (None if there is none)."""
+  found = None
+  while e is not None:
+    if isinstance(e, UserError):
+      found = e
+    e = e.__cause__ or e.__context__
+  return found
 
 
 def _plain_message(e: BaseException) -> str:

@@ -151,3 +151,17 @@ def test_url_workdir_is_one_clear_error(tmp_path):
   assert 'Traceback' not in proc.stderr
   assert 'gcsfuse' in proc.stderr.strip().splitlines()[-1]
   assert not os.path.exists(os.path.join(ROOT, 'gs:'))
+
+
+def test_unknown_config_variant_is_one_clear_error(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'dmue_jax.main', '--config', 'configs/rafdb.py:runlocal,tiny',
+       '--workdir', str(tmp_path / 'w')],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert 'Traceback' not in proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr
+  assert "'tiny'" in lines[0] and 'paper, runlocal' in lines[0]
+  assert not os.path.exists(tmp_path / 'w')

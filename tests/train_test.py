@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from absl.testing import parameterized
 
+from configs import default
 from configs import rafdb
 from dmue_jax import checkpoints
 from dmue_jax import config_lib
@@ -247,3 +249,16 @@ def test_config_saved_before_a_field_existed_gets_its_default():
   np.testing.assert_allclose(restored.optim.head_lr, [[3, 2e-3]])  # saved values are kept
   config_lib.validate(restored)
   train.make_optimizer(restored, steps_per_epoch=5)
+
+
+def test_paper_variant_learns_the_pue_mlp_and_the_neck():
+  reference, paper = default.get_config('tiny'), default.get_config('tiny,paper')
+  assert (reference.dmue.freeze_pue, reference.dmue.freeze_neck) == (True, True)
+  assert (paper.dmue.freeze_pue, paper.dmue.freeze_neck) == (False, False)
+  # The variants compose: everything else is the tiny run's.
+  assert paper.num_epochs == reference.num_epochs == 2
+  for dataset_config in (rafdb.get_config('runlocal,paper'), rafdb.get_config('paper')):
+    assert not dataset_config.dmue.freeze_pue
+  assert rafdb.get_config('runlocal,paper').input.batch_per_class == 2
+  with pytest.raises(config_lib.ConfigError, match="'tiny'"):
+    rafdb.get_config('tiny')
