@@ -42,11 +42,14 @@ def _jsonable(v: Any):
 class MetricWriter:
   """Appends JSON lines to <workdir>/metrics.jsonl and scalars to TensorBoard event files.
 
-  Only the writing process (process 0) should build one.
+  A per-class list (per_class_accuracy) becomes one TensorBoard scalar per class, tagged
+  `<name>/<class name>` (or `<name>/<index>` without class names). Only the writing process
+  (process 0) should build one.
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, class_names: Sequence[str] | None = None):
     os.makedirs(workdir, exist_ok=True)
+    self.class_names = list(class_names) if class_names is not None else None
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
     try:
@@ -78,10 +81,26 @@ class MetricWriter:
     with open(self.path, 'a') as f:
       f.write(json.dumps(rec) + '\n')
     if self._tb is not None:
-      for k, v in rec.items():
-        if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool):
-          self._tb.add_scalar(k, v, step)
+      for tag, value in self._scalars(rec):
+        self._tb.add_scalar(tag, value, step)
       self._tb.flush()
+
+  def _scalars(self, rec: dict):
+    """(tag, number) pairs of a record: numbers as they are, number lists one per entry."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    for k, v in rec.items():
+      if k == 'step':
+        continue
+      if number(v):
+        yield k, v
+      elif isinstance(v, list) and v and all(number(x) or x is None for x in v):
+        # Confusion matrices are lists of lists and stay out; a class without test samples
+        # (None) is skipped rather than plotted as 0.
+        names = (self.class_names if self.class_names is not None
+                 and len(self.class_names) == len(v) else range(len(v)))
+        for name, x in zip(names, v):
+          if x is not None:
+            yield f'{k}/{name}', x
 
   def close(self) -> None:
     if self._tb is not None:

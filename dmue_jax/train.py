@@ -443,7 +443,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = jax.device_put(state, parallel.replicated(mesh))
   p_train, p_eval = make_jitted_steps(config, mesh, spe)
 
-  writer = metrics_lib.MetricWriter(workdir) if is_main else None
+  writer = (metrics_lib.MetricWriter(workdir, class_names=data.splits.class_names)
+            if is_main else None)
   if writer is not None:
     writer.truncate_after(start_step)
   batches = input_pipeline.TrainBatches(
