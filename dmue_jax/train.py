@@ -348,8 +348,20 @@ def _load_splits(config):
   if jax.process_count() == 1:
     return datasets.load(config.input)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  splits = datasets.load(config.input) if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices('dmue_jax: dataset prepared')
+  splits, failure = None, None
+  if jax.process_index() == 0:
+    try:
+      splits = datasets.load(config.input)
+    except Exception as e:  # pylint: disable=broad-except
+      failure = e
+  # Doubles as the barrier. Every process learns whether process 0 failed (a missing dataset,
+  # say), so the others stop at once instead of waiting for a collective that never comes.
+  failed = multihost_utils.broadcast_one_to_all(np.int32(failure is not None))
+  if failure is not None:
+    raise failure
+  if int(failed):
+    raise UserError('process 0 could not prepare the dataset; its error message says why. Fix '
+                    'that and restart every process.')
   return splits if splits is not None else datasets.load(config.input)
 
 

@@ -60,8 +60,9 @@ def free_port():
     return s.getsockname()[1]
 
 
-def run_two_processes(args):
-  """Runs `python args...` as two jax.distributed processes on 127.0.0.1; returns their stderr."""
+def run_two_processes(args, expect_success=True, timeout=600):
+  """Runs `python args...` as two jax.distributed processes on 127.0.0.1; returns their stderr
+  (and their exit codes, with expect_success=False)."""
   port = free_port()
   procs = []
   for pid in range(2):
@@ -71,10 +72,15 @@ def run_two_processes(args):
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   errs = []
   for p in procs:
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
+    try:
+      _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    assert p.returncode == 0 or not expect_success, err[-3000:]
     errs.append(err)
-  return errs
+  return errs if expect_success else (errs, [p.returncode for p in procs])
 
 
 def test_two_processes_equal_one(one_device, tmp_path):
@@ -149,3 +155,16 @@ def test_uneven_split_is_a_config_error(tmp_path):
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 2
   assert 'batch_per_class=3' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_two_processes_stop_together_when_the_dataset_is_missing(tmp_path):
+  """Process 0 prepares the data; when that fails, process 1 must not wait at the barrier."""
+  errs, codes = run_two_processes(
+      ['-m', 'dmue_jax.main', '--config', 'configs/rafdb.py:runlocal',
+       '--workdir', str(tmp_path / 'w'), f'--config.input.data_dir={tmp_path / "nowhere"}'],
+      expect_success=False, timeout=240)
+  assert codes[0] == 2 and codes[1] != 0
+  for err in errs:
+    assert 'Traceback' not in err, err[-3000:]
+  assert 'nowhere' in errs[0].strip().splitlines()[-1]
+  assert 'process 0 could not prepare the dataset' in errs[1].strip().splitlines()[-1]
