@@ -2,7 +2,7 @@ r"""Throughput and FLOP benchmark: the DMUE train step against the plain backbon
 
   python -m dmue_jax.bench --config configs/rafdb.py --image-size 112 --batch-per-class 10
   python -m dmue_jax.bench --config configs/rafdb.py --image-size 112 --json   # last line JSON
-  python -m dmue_jax.bench --config configs/rafdb.py --skip-vmap --dtype bfloat16   # on a GPU
+  python -m dmue_jax.bench --config configs/affectnet.py --suite accelerator --json  # GPU/TPU
 
 Everything runs on synthetic in-memory batches with the config's model settings (backbone, stem,
 width, pooling, branch mode), after compilation and one warm-up call, and reports the median of
@@ -26,7 +26,13 @@ hits both sides alike. What is measured:
   about 0.3 % for ResNet-18.
 
 `--profile` also times those pieces one by one, which shows where the step's time goes. The
-JSON records the load average and XLA_FLAGS, because both change CPU timings.
+JSON records the load average and XLA_FLAGS, because both change CPU timings, and the achieved
+rate against the chip's peak (`peak_gflops`, `fraction_of_peak`; null on CPUs and unknown chips
+unless --peak-tflops gives one device's peak).
+
+`--suite accelerator` is the whole GPU/TPU measurement in one command, for machines where
+device time is scarce: 224 px, k = 9 (with configs/affectnet.py, the reference's batch of
+8 x 9 = 72), float32 with both branch modes, then bfloat16.
 """
 
 from __future__ import annotations
@@ -62,6 +68,32 @@ _STEPS_PER_EPOCH = 1000
 # Source images for the pipeline measurement: RAF-DB's aligned faces are 100x100.
 _PIPELINE_IMAGE_SIZE = 100
 
+# Dense (no sparsity) per-chip peaks in TFLOP/s, from the vendors' data sheets, for the rate a
+# step's matmuls and convolutions can reach: (bfloat16, float32 as XLA runs it). XLA's default
+# precision runs float32 convolutions and matmuls as TF32 on NVIDIA tensor cores (Ampere and
+# later) and as bfloat16 passes on TPUs, so those are the float32 peaks given; chips without
+# such units get their plain FP32 peak. Matched in order on the device kind; --peak-tflops
+# overrides.
+_PEAK_TFLOPS = (
+    ('H100 PCIe', (756.0, 378.0)),
+    ('H100', (989.0, 494.7)),        # SXM
+    ('H200', (989.0, 494.7)),
+    ('GH200', (989.0, 494.7)),
+    ('A100', (312.0, 156.0)),
+    ('L40S', (362.0, 183.0)),
+    ('L4', (121.0, 60.0)),
+    ('A10', (125.0, 62.5)),
+    ('V100', (None, 15.7)),          # no bfloat16 units: the bfloat16 peak is unknown
+    ('T4', (None, 8.1)),
+    ('TPU v6', (918.0, 918.0)),
+    ('TPU v5 lite', (197.0, 197.0)),
+    ('TPU v5e', (197.0, 197.0)),
+    ('TPU v5p', (459.0, 459.0)),
+    ('TPU v5', (459.0, 459.0)),
+    ('TPU v4', (275.0, 275.0)),
+    ('TPU v3', (123.0, 123.0)),
+)
+
 
 def _define_flags(fv: flags.FlagValues) -> None:
   """The command's flags, on a private FlagValues so that `main` can be called (and tested)
@@ -85,6 +117,13 @@ def _define_flags(fv: flags.FlagValues) -> None:
                     'config\'s); parameters stay float32.', flag_values=fv)
   flags.DEFINE_bool('profile', False, 'Also time the reference-subset pieces one by one.',
                     flag_values=fv)
+  flags.DEFINE_float('peak-tflops', None, 'Peak TFLOP/s of one device for the benchmarked dtype '
+                     '(default: a table of common GPUs and TPUs; unknown on CPUs).',
+                     flag_values=fv)
+  flags.DEFINE_enum('suite', None, ['accelerator'], "'accelerator': the GPU/TPU run of the "
+                    "README, i.e. the config at 224 px, k=9 (unless given), once in float32 with "
+                    'both branch modes and once in bfloat16; the JSON line then holds both runs '
+                    "under 'float32' and 'bfloat16'.", flag_values=fv)
   flags.DEFINE_bool('fast-compile', False, 'Compile without LLVM optimisation: for smoke tests '
                     'only (FLOP counts stay exact, timings are not representative).',
                     flag_values=fv)
@@ -131,6 +170,14 @@ def _interleaved_medians(calls: dict[str, Callable[[], Any]], steps: int) -> dic
       jax.block_until_ready(fn())
       times[name].append(time.perf_counter() - start)
   return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+  """One device's peak TFLOP/s for `dtype` from `_PEAK_TFLOPS`; None when not known."""
+  for name, (bf16, fp32) in _PEAK_TFLOPS:
+    if name.lower() in device_kind.lower():
+      return bf16 if dtype == 'bfloat16' else fp32
+  return None
 
 
 # ------------------------------------------------------------------ what is benchmarked
@@ -376,7 +423,8 @@ def pipeline_rate(setup: Setup, steps: int) -> float:
 # ------------------------------------------------------------------ the whole benchmark
 def run(config, *, image_size=None, batch_per_class=None, steps: int = 3,
         pipeline_steps: int = 10, skip_vmap: bool = False, dtype=None,
-        profile: bool = False, fast_compile: bool = False) -> dict:
+        profile: bool = False, fast_compile: bool = False,
+        peak: float | None = None) -> dict:
   """Runs every measurement; returns the results dict (see the module docstring)."""
   if steps < 1:
     raise config_lib.ConfigError(f'--steps={steps} must be at least 1.')
@@ -452,7 +500,45 @@ def run(config, *, image_size=None, batch_per_class=None, steps: int = 3,
         for p in pieces}
     results['reference_subset_seconds'] = sum(p.times * piece_times[p.name] for p in pieces)
   results['load_average_end'] = os.getloadavg()[0]
+  add_peak_fraction(results, peak)
   return results
+
+
+def add_peak_fraction(results: dict, peak: float | None = None) -> None:
+  """Adds peak_gflops (all devices together) and fraction_of_peak (achieved / peak), or None
+  for both where the chip's peak is unknown. `peak`: one device's TFLOP/s, overriding the
+  table."""
+  kind = jax.devices()[0].device_kind
+  per_device = peak if peak is not None else peak_tflops(kind, results['dtype'])
+  if per_device is None or per_device <= 0:
+    results['peak_gflops'] = results['fraction_of_peak'] = None
+    return
+  results['peak_gflops'] = per_device * 1e3 * jax.device_count()
+  results['fraction_of_peak'] = results['achieved_gflops'] / results['peak_gflops']
+
+
+# The accelerator run the issue asks for: the reference's AffectNet batch (8 classes x 9).
+ACCELERATOR_IMAGE_SIZE = 224
+ACCELERATOR_BATCH_PER_CLASS = 9
+
+
+def run_accelerator_suite(config, *, image_size=None, batch_per_class=None, **kwargs) -> dict:
+  """float32 (both branch modes) then bfloat16 (the config's mode) at 224 px, k=9 by default.
+
+  Returns {'float32': results, 'bfloat16': results, 'bfloat16_speedup': ratio of train rates}.
+  """
+  kwargs.pop('dtype', None)
+  kwargs.pop('skip_vmap', None)
+  size = image_size or ACCELERATOR_IMAGE_SIZE
+  k = batch_per_class or ACCELERATOR_BATCH_PER_CLASS
+  out = {}
+  for dtype, skip_vmap in (('float32', False), ('bfloat16', True)):
+    _note(f'accelerator suite: {dtype}')
+    out[dtype] = run(config, image_size=size, batch_per_class=k, dtype=dtype,
+                     skip_vmap=skip_vmap, **kwargs)
+  out['bfloat16_speedup'] = (out['bfloat16']['train_images_per_second'] /
+                             out['float32']['train_images_per_second'])
+  return out
 
 
 def format_table(r: dict) -> str:
@@ -483,6 +569,9 @@ def format_table(r: dict) -> str:
       f'FLOPs: DMUE step / plain step = {r["flops_ratio_vs_plain_backbone"]:.3f}; '
       f'DMUE step / reference subsets = {r["flops_ratio_vs_reference_subsets"]:.3f}',
       f'inference time, DMUE / plain backbone = {r["inference_overhead_vs_plain_backbone"]:.3f}',
+      (f'DMUE step at {r["fraction_of_peak"]:.1%} of the devices\' peak '
+       f'({r["peak_gflops"] / 1e3:.1f} TFLOP/s, {r["dtype"]})' if r.get('peak_gflops')
+       else 'peak FLOP/s of this device unknown (--peak-tflops gives it)'),
   ]
   if 'profile' in r:
     lines.append(f'{"piece (x times)":52}{"s each":>10}{"GFLOP each":>12}{"GFLOP/s":>10}')
@@ -514,12 +603,21 @@ def main(argv: Sequence[str]) -> dict:
              '[--batch-per-class K] [--steps S] [--json]')
   if fv.config is None:
     cli.fail('--config is required, e.g. --config configs/rafdb.py.')
+  kwargs = dict(image_size=fv['image-size'].value, batch_per_class=fv['batch-per-class'].value,
+                steps=fv.steps, pipeline_steps=fv['pipeline-steps'].value,
+                skip_vmap=fv['skip-vmap'].value, dtype=fv.dtype, profile=fv.profile,
+                fast_compile=fv['fast-compile'].value, peak=fv['peak-tflops'].value)
   with cli.user_errors():
-    results = run(fv.config, image_size=fv['image-size'].value,
-                  batch_per_class=fv['batch-per-class'].value, steps=fv.steps,
-                  pipeline_steps=fv['pipeline-steps'].value, skip_vmap=fv['skip-vmap'].value,
-                  dtype=fv.dtype, profile=fv.profile, fast_compile=fv['fast-compile'].value)
-  print(format_table(results), flush=True)
+    if fv.suite == 'accelerator':
+      results = run_accelerator_suite(fv.config, **kwargs)
+    else:
+      results = run(fv.config, **kwargs)
+  if fv.suite == 'accelerator':
+    for dtype in ('float32', 'bfloat16'):
+      print(format_table(results[dtype]), flush=True)
+    print(f'bfloat16 / float32 train step rate: {results["bfloat16_speedup"]:.2f}x', flush=True)
+  else:
+    print(format_table(results), flush=True)
   if fv.json:
     print(json.dumps(_json_safe(results)), flush=True)
   return results

@@ -4,6 +4,8 @@ import json
 import math
 import os
 
+import jax
+
 from dmue_jax import bench
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
@@ -22,7 +24,7 @@ def test_json_line_has_every_measurement(capsys):
   # --skip-vmap: compiling the second branch mode would double the test's time; the tiny
   # config's own mode is timed and reported under its key.
   results = bench.main(['bench', f'--config={CONFIG}:tiny', '--steps=1', '--pipeline-steps=1',
-                        '--json', '--fast-compile', '--skip-vmap'])
+                        '--json', '--fast-compile', '--skip-vmap', '--peak-tflops=2'])
   last = capsys.readouterr().out.strip().splitlines()[-1]
   parsed = json.loads(last)
   mode = parsed['branch_mode']
@@ -40,3 +42,38 @@ def test_json_line_has_every_measurement(capsys):
   assert 1.0 < parsed['flops_ratio_vs_reference_subsets'] < 1.5
   assert parsed['flops_per_step'] > parsed['plain_backbone_flops_per_step']
   assert parsed == results  # what was printed is what main returns
+  # One device's 2 TFLOP/s, times the devices.
+  assert parsed['peak_gflops'] == 2000.0 * jax.device_count()
+  assert math.isclose(parsed['fraction_of_peak'], parsed['achieved_gflops'] / parsed['peak_gflops'])
+
+
+def test_peak_table():
+  assert bench.peak_tflops('NVIDIA H200', 'bfloat16') == 989.0
+  assert bench.peak_tflops('NVIDIA H100 PCIe', 'float32') == 378.0  # before the SXM entry
+  assert bench.peak_tflops('NVIDIA H100 80GB HBM3', 'float32') == 494.7
+  assert bench.peak_tflops('TPU v5 lite', 'float32') == 197.0
+  assert bench.peak_tflops('Tesla V100-SXM2-16GB', 'bfloat16') is None
+  assert bench.peak_tflops('cpu', 'float32') is None
+  results = {'dtype': 'float32', 'achieved_gflops': 10.0}
+  bench.add_peak_fraction(results)  # this machine's CPU: unknown
+  assert results['peak_gflops'] is None and results['fraction_of_peak'] is None
+
+
+def test_accelerator_suite_runs_float32_with_both_modes_then_bfloat16(monkeypatch, capsys):
+  calls = []
+
+  def fake_run(config, **kwargs):
+    calls.append(kwargs)
+    rate = {'float32': 100.0, 'bfloat16': 150.0}[kwargs['dtype']]
+    return {'train_images_per_second': rate, 'dtype': kwargs['dtype']}
+
+  monkeypatch.setattr(bench, 'run', fake_run)
+  monkeypatch.setattr(bench, 'format_table', lambda r: f'table {r["dtype"]}')
+  results = bench.main(['bench', f'--config={CONFIG}', '--suite=accelerator', '--json',
+                        '--steps=2', '--dtype=float32'])
+  assert [(c['dtype'], c['skip_vmap'], c['image_size'], c['batch_per_class'], c['steps'])
+          for c in calls] == [('float32', False, 224, 9, 2), ('bfloat16', True, 224, 9, 2)]
+  assert results['bfloat16_speedup'] == 1.5
+  out = capsys.readouterr().out.strip().splitlines()
+  assert out[:2] == ['table float32', 'table bfloat16']
+  assert json.loads(out[-1]) == results
