@@ -79,15 +79,13 @@ class BatchNorm(nn.Module):
     x: [N, ..., F].
     train: normalise with batch statistics and update the running ones.
     segments: sizes of consecutive row blocks normalised separately (default: one block).
-    merge: only for two segments under `vmap`: a traced bool; True treats both as one block
-      (so a vmapped set of branches can mix two-segment and one-segment branches).
   """
   momentum: float = 0.1
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool, segments: Sequence[int] | None = None, merge=None):
+  def __call__(self, x, *, train: bool, segments: Sequence[int] | None = None):
     features = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
@@ -99,8 +97,6 @@ class BatchNorm(nn.Module):
     segments = tuple(segments) if segments is not None else (x.shape[0],)
     means, variances = _segment_moments(x, segments)
     counts = [segment_count(x, n) for n in segments]
-    if merge is not None:
-      means, variances, counts = _maybe_merge(means, variances, counts, merge)
 
     outs, start = [], 0
     for n, mean, var in zip(segments, means, variances):
@@ -108,15 +104,10 @@ class BatchNorm(nn.Module):
       start += n
     if not self.is_initializing():
       new_mean, new_var = ra_mean.value, ra_var.value
-      for i, (mean, var, count) in enumerate(zip(means, variances, counts)):
+      for mean, var, count in zip(means, variances, counts):
         unbiased = var * (count / jnp.maximum(jnp.asarray(count, jnp.float32) - 1, 1))
-        upd_mean = (1 - self.momentum) * new_mean + self.momentum * mean
-        upd_var = (1 - self.momentum) * new_var + self.momentum * unbiased
-        if merge is not None and i == 1:
-          # A merged pair is one pass: its second segment must not update again.
-          upd_mean = jnp.where(merge, new_mean, upd_mean)
-          upd_var = jnp.where(merge, new_var, upd_var)
-        new_mean, new_var = upd_mean, upd_var
+        new_mean = (1 - self.momentum) * new_mean + self.momentum * mean
+        new_var = (1 - self.momentum) * new_var + self.momentum * unbiased
       ra_mean.value, ra_var.value = new_mean, new_var
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
 
@@ -124,19 +115,6 @@ class BatchNorm(nn.Module):
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
     y = x.astype(jnp.float32) * mul + (bias - mean * mul)
     return y.astype(self.dtype)
-
-
-def _maybe_merge(means, variances, counts, merge):
-  """Replaces two segment moments by their pooled moments where `merge` is True."""
-  if len(means) != 2:
-    raise ValueError('merge needs exactly two segments')
-  (m1, m2), (v1, v2), (n1, n2) = means, variances, counts
-  n = n1 + n2
-  m = (n1 * m1 + n2 * m2) / n
-  v = (n1 * (v1 + jnp.square(m1 - m)) + n2 * (v2 + jnp.square(m2 - m))) / n
-  pick = lambda a, b: jnp.where(merge, a, b)
-  return ([pick(m, m1), pick(m, m2)], [pick(v, v1), pick(v, v2)],
-          [pick(float(n), float(n1)), pick(float(n), float(n2))])
 
 
 class InstanceNorm(nn.Module):
@@ -161,11 +139,10 @@ class IBN(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train, segments=None, merge=None):
+  def __call__(self, x, *, train, segments=None):
     half = x.shape[-1] // 2
     a = InstanceNorm(dtype=self.dtype, name='IN')(x[..., :half])
-    b = BatchNorm(dtype=self.dtype, name='BN')(x[..., half:], train=train, segments=segments,
-                                               merge=merge)
+    b = BatchNorm(dtype=self.dtype, name='BN')(x[..., half:], train=train, segments=segments)
     return jnp.concatenate([a, b], axis=-1)
 
 
@@ -187,9 +164,9 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train, segments=None, merge=None):
+  def __call__(self, x, *, train, segments=None):
     norm = functools.partial(BatchNorm, dtype=self.dtype)
-    bn = lambda name: (lambda y: norm(name=name)(y, train=train, segments=segments, merge=merge))
+    bn = lambda name: (lambda y: norm(name=name)(y, train=train, segments=segments))
     conv = lambda f, k, s, name: _conv(f, k, s, self.dtype, name)
     residual = x
     if self.kind == 'basic':
@@ -200,7 +177,7 @@ class Block(nn.Module):
     else:
       y = conv(self.features, 1, 1, 'conv1')(x)
       if self.ibn:
-        y = IBN(dtype=self.dtype, name='bn1')(y, train=train, segments=segments, merge=merge)
+        y = IBN(dtype=self.dtype, name='bn1')(y, train=train, segments=segments)
       else:
         y = bn('bn1')(y)
       y = nn.relu(y)
@@ -264,7 +241,7 @@ class Trunk(nn.Module):
 class Stage4(nn.Module):
   """One copy of layer4: [N, h, w, Fin] -> [N, h', w', D].
 
-  `segments` / `merge` pass through to every BatchNorm (see BatchNorm).
+  `segments` passes through to every BatchNorm (see BatchNorm).
   """
   backbone: str = 'resnet18'
   width: int = 64
@@ -272,12 +249,12 @@ class Stage4(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool, segments=None, merge=None):
+  def __call__(self, x, *, train: bool, segments=None):
     kind, layers = SPECS[self.backbone]
     width = NARROW_WIDTH if self.backbone == 'resnet18_narrow' else self.width
     for _, block in _stage_blocks(kind, width, 3, layers[3], x.shape[-1], self.last_stride,
                                   self.dtype):
-      x = block(x, train=train, segments=segments, merge=merge)
+      x = block(x, train=train, segments=segments)
     return x
 
 
