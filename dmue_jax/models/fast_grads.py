@@ -24,7 +24,14 @@ DMUE_CONV_KERNEL_GRAD=xla|taps|strided overrides the choice (for benchmarks).
 Max-pool. The gradient of the reference stem's 2x2/2 max-pool is a select-and-scatter on XLA, which
 took 0.33 s on [70, 56, 56, 64] (forward 0.01 s). Non-overlapping windows make it an elementwise
 mask instead: `max_pool_2x2` routes each window's gradient to its first maximal entry in row-major
-order, as PyTorch's max_pool2d and XLA's select-and-scatter do.
+order, as PyTorch's max_pool2d and XLA's select-and-scatter do. The standard stem's 3x3/2 pool
+(padding 1) has overlapping windows; `max_pool_3x3` uses the same first-maximum masks per tap
+and adds the nine masked gradients back by interleaving even and odd rows and columns (with
+stride 2, even padded positions are tap 0 of one window and tap 2 of the one before, odd ones
+tap 1), dense ops only; the value is XLA's reduce-window. Measured on 2026-12-03, forward +
+gradient: 316 ms against XLA's 1269 ms on [70, 112, 112, 64] (ResNet-50-IBN at 224 px), 3.2
+against 10.6 ms on the default config's [56, 32, 32, 16]. The gradient equals XLA's up to the
+order in which a position that is the maximum of several windows sums their gradients.
 """
 
 from __future__ import annotations
@@ -187,3 +194,65 @@ def _max_pool_bwd(residuals, g):
 
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def _taps_3x3(xp: jax.Array, ho: int, wo: int) -> list[jax.Array]:
+  """The nine [N, Ho, Wo, C] views of the padded input that the 3x3/2 windows' taps read."""
+  return [xp[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2, :] for i in range(3) for j in range(3)]
+
+
+def _pad_3x3(x: jax.Array) -> tuple[jax.Array, int, int]:
+  """x padded with -inf: 1 before, and after up to 2*Ho+1 rows / 2*Wo+1 columns."""
+  _, h, w, _ = x.shape
+  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  xp = jnp.pad(x, ((0, 0), (1, 2 * ho - h), (1, 2 * wo - w), (0, 0)),
+               constant_values=-jnp.inf)
+  return xp, ho, wo
+
+
+@jax.custom_vjp
+def max_pool_3x3(x: jax.Array) -> jax.Array:
+  """3x3 max-pool, stride 2, padding 1 (PyTorch's and flax's): [N, H, W, C] ->
+  [N, (H-1)//2+1, (W-1)//2+1, C]."""
+  # XLA's own reduce-window for the value (faster than the nine views on large maps).
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                           ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def _max_pool_3x3_fwd(x):
+  y = max_pool_3x3(x)
+  return y, (x, y)
+
+
+def _interleave(taps: Sequence[jax.Array], axis: int) -> jax.Array:
+  """Gradients of taps 0, 1, 2 (each Ho long on `axis`) -> their sum at the 2*Ho+1 padded
+  positions they read: even position 2o gets tap 0 of window o and tap 2 of window o-1, odd
+  position 2o+1 gets tap 1 of window o."""
+  t0, t1, t2 = taps
+  n = t0.shape[axis]
+  pad = lambda a, lo, hi: jnp.pad(a, [(lo, hi) if d == axis else (0, 0) for d in range(a.ndim)])
+  even = pad(t0, 0, 1) + pad(t2, 1, 0)                      # n + 1 positions
+  odd = pad(t1, 0, 1)                                       # n + 1, the last one unused
+  both = jnp.stack([even, odd], axis=axis + 1)              # [..., n+1, 2, ...]
+  shape = list(even.shape)
+  shape[axis] = 2 * (n + 1)
+  return lax.slice_in_dim(both.reshape(shape), 0, 2 * n + 1, axis=axis)
+
+
+def _max_pool_3x3_bwd(residuals, g):
+  x, y = residuals
+  _, h, w, _ = x.shape
+  xp, ho, wo = _pad_3x3(x)
+  # The first maximal tap of each window in row-major order takes the whole gradient.
+  taken = jnp.zeros(y.shape, bool)
+  parts = []
+  for window in _taps_3x3(xp, ho, wo):
+    hit = (window == y) & ~taken
+    taken = taken | hit
+    parts.append(jnp.where(hit, g, 0).astype(jnp.float32))
+  rows = [_interleave(parts[j::3], axis=1) for j in range(3)]   # per column tap j
+  grad = _interleave(rows, axis=2)                              # [N, 2Ho+1, 2Wo+1, C]
+  return (grad[:, 1:1 + h, 1:1 + w].astype(x.dtype),)
+
+
+max_pool_3x3.defvjp(_max_pool_3x3_fwd, _max_pool_3x3_bwd)

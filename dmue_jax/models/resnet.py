@@ -227,7 +227,7 @@ class Trunk(nn.Module):
       x = fast_grads.max_pool_2x2(x)
     else:
       x = nn.relu(x)
-      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+      x = fast_grads.max_pool_3x3(x)
     in_features = width
     expansion = 1 if kind == 'basic' else 4
     for index in range(3):
