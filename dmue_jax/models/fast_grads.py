@@ -1,4 +1,4 @@
-"""Convolution and 2x2 max-pool whose gradients avoid XLA:CPU's slow paths.
+"""Convolution and max-pools (2x2 and 3x3/2) whose gradients avoid XLA:CPU's slow paths.
 
 Convolution. XLA:CPU computes the kernel gradient of a convolution as another convolution whose
 "kernel" is the whole output gradient. On 2026-11-28 (a 2-core x86 CPU, batch 70, 112 px input)
@@ -54,6 +54,15 @@ def _lax_conv(x, w, strides, padding, precision):
                                   precision=precision)
 
 
+def _tap_views(xp: jax.Array, kh: int, kw: int, strides: Sequence[int], ho: int,
+               wo: int) -> list[jax.Array]:
+  """The kh*kw [N, Ho, Wo, C] views of the padded input xp that a kernel's taps read, in
+  row-major tap order: view t = (i, j) holds xp[n, s*h+i, s*w+j, :]."""
+  sh, sw = strides
+  return [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
+          for i in range(kh) for j in range(kw)]
+
+
 def kernel_grad_taps(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
                      strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:
   """dL/dW of an NHWC/HWIO convolution from its input and output gradient.
@@ -68,13 +77,12 @@ def kernel_grad_taps(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
     [kh, kw, Ci, Co] in the kernel's dtype, accumulated in float32.
   """
   kh, kw, ci, co = kernel_shape
-  (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+  (pt, pb), (pl, pr) = padding
   _, ho, wo, _ = g.shape
   xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
   g2 = g.reshape(-1, co)
   # windows[t]: the [N, Ho, Wo, Ci] input entries that kernel tap t = (i, j) multiplies.
-  windows = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
-             for i in range(kh) for j in range(kw)]
+  windows = _tap_views(xp, kh, kw, strides, ho, wo)
   dot = lambda a, b: jnp.dot(a.T, b, preferred_element_type=jnp.float32)
   if kh * kw * ci <= _PATCH_MAX_COLUMNS:
     patches = jnp.concatenate(windows, axis=-1).reshape(-1, kh * kw * ci)
@@ -157,6 +165,22 @@ def conv_for_backend(backend: str | None = None) -> Callable[..., jax.Array]:
 
 
 # ------------------------------------------------------------------ max-pool
+def _first_maximum(views: Sequence[jax.Array], y: jax.Array) -> list[jax.Array]:
+  """Where each view (a window tap, in row-major tap order) is its window's first maximum.
+
+  views: arrays shaped like y, the pooled maxima. Returns one bool mask per view; every
+  window's gradient goes to exactly one tap, the first that equals the maximum, as PyTorch's
+  max_pool2d and XLA's select-and-scatter choose among ties.
+  """
+  taken = jnp.zeros(y.shape, bool)
+  hits = []
+  for view in views:
+    hit = (view == y) & ~taken
+    taken = taken | hit
+    hits.append(hit)
+  return hits
+
+
 def _pool_windows(x: jax.Array) -> jax.Array:
   """[N, H, W, C] -> [N, H//2, 2, W//2, 2, C] (an odd last row/column is dropped, floor mode)."""
   n, h, w, c = x.shape
@@ -177,14 +201,8 @@ def _max_pool_fwd(x):
 def _max_pool_bwd(residuals, g):
   x, y = residuals
   windows = _pool_windows(x)
-  is_max = windows == y[:, :, None, :, None, :]
-  # The first maximal entry of each window in row-major order takes the whole gradient.
-  taken = jnp.zeros_like(is_max[:, :, 0, :, 0, :])
-  masks = {}
-  for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)):
-    hit = is_max[:, :, a, :, b, :] & ~taken
-    masks[a, b] = hit
-    taken = taken | hit
+  taps = ((0, 0), (0, 1), (1, 0), (1, 1))
+  masks = dict(zip(taps, _first_maximum([windows[:, :, a, :, b, :] for a, b in taps], y)))
   rows = [jnp.stack([masks[a, 0], masks[a, 1]], axis=3) for a in (0, 1)]   # [N, h, w, 2, C]
   mask = jnp.stack(rows, axis=2)                                            # [N, h, 2, w, 2, C]
   grad = jnp.where(mask, g[:, :, None, :, None, :], 0).astype(x.dtype)
@@ -194,11 +212,6 @@ def _max_pool_bwd(residuals, g):
 
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
-
-
-def _taps_3x3(xp: jax.Array, ho: int, wo: int) -> list[jax.Array]:
-  """The nine [N, Ho, Wo, C] views of the padded input that the 3x3/2 windows' taps read."""
-  return [xp[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2, :] for i in range(3) for j in range(3)]
 
 
 def _pad_3x3(x: jax.Array) -> tuple[jax.Array, int, int]:
@@ -243,13 +256,8 @@ def _max_pool_3x3_bwd(residuals, g):
   x, y = residuals
   _, h, w, _ = x.shape
   xp, ho, wo = _pad_3x3(x)
-  # The first maximal tap of each window in row-major order takes the whole gradient.
-  taken = jnp.zeros(y.shape, bool)
-  parts = []
-  for window in _taps_3x3(xp, ho, wo):
-    hit = (window == y) & ~taken
-    taken = taken | hit
-    parts.append(jnp.where(hit, g, 0).astype(jnp.float32))
+  hits = _first_maximum(_tap_views(xp, 3, 3, (2, 2), ho, wo), y)
+  parts = [jnp.where(hit, g, 0).astype(jnp.float32) for hit in hits]
   rows = [_interleave(parts[j::3], axis=1) for j in range(3)]   # per column tap j
   grad = _interleave(rows, axis=2)                              # [N, 2Ho+1, 2Wo+1, C]
   return (grad[:, 1:1 + h, 1:1 + w].astype(x.dtype),)
