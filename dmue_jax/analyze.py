@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmue_jax import checkpoints
+from dmue_jax import compiler
 from dmue_jax import config_lib
 from dmue_jax import input_pipeline
 from dmue_jax import metrics as metrics_lib
@@ -212,8 +213,8 @@ def collect(config, variables, data: train.RunData, mesh) -> SampleTable:
   cols = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
   repl = parallel.replicated(mesh)
   sharding = parallel.train_batch_sharding(mesh)
-  step_fn = jax.jit(functools.partial(sample_outputs, config=config),
-                    in_shardings=(repl, sharding), out_shardings=repl)
+  step_fn = compiler.jit(functools.partial(sample_outputs, config=config),
+                         in_shardings=(repl, sharding), out_shardings=repl)
 
   def make(b: int) -> dict[str, np.ndarray]:
     positions = index[b, :, cols]

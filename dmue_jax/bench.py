@@ -26,9 +26,10 @@ hits both sides alike. What is measured:
   about 0.3 % for ResNet-18.
 
 `--profile` also times those pieces one by one, which shows where the step's time goes. The
-JSON records the load average and XLA_FLAGS, because both change CPU timings, and the achieved
-rate against the chip's peak (`peak_gflops`, `fraction_of_peak`; null on CPUs and unknown chips
-unless --peak-tflops gives one device's peak).
+JSON records the load average, XLA_FLAGS and the compiler options (`compiler.options()`),
+because they change CPU timings, and the achieved rate against the chip's peak (`peak_gflops`,
+`fraction_of_peak`; null on CPUs and unknown chips unless --peak-tflops gives one device's
+peak).
 
 `--suite accelerator` is the whole GPU/TPU measurement in one command, for machines where
 device time is scarce: 224 px, k = 9 (with configs/affectnet.py, the reference's batch of
@@ -56,6 +57,7 @@ import numpy as np
 import optax
 
 from dmue_jax import cli
+from dmue_jax import compiler
 from dmue_jax import config_lib
 from dmue_jax import input_pipeline
 from dmue_jax import parallel
@@ -200,7 +202,8 @@ class Setup:
 
   def compile(self, jitted, *args):
     """Ahead-of-time compile: the executable that is timed is the one whose FLOPs are counted."""
-    return jitted.lower(*args).compile(compiler_options=self.compiler_options)
+    return jitted.lower(*args).compile(
+        compiler_options=compiler.merged(self.compiler_options))
 
 
 def make_setup(config, *, image_size=None, batch_per_class=None, dtype=None,
@@ -485,6 +488,7 @@ def run(config, *, image_size=None, batch_per_class=None, steps: int = 3,
       'host_cpus': os.cpu_count(),
       'jax_version': jax.__version__,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'compiler_options': compiler.merged(setup.compiler_options),
       'fast_compile': fast_compile,
       'load_average_start': load_start,
   }
@@ -551,7 +555,7 @@ def format_table(r: dict) -> str:
       f'k={r["batch_per_class"]} (B={b}), {r["image_size"]} px, {r["dtype"]}, '
       f'{r["device"]}, JAX {r["jax_version"]}',
       f'load average {r["load_average_start"]:.2f} -> {r["load_average_end"]:.2f}; '
-      f'XLA_FLAGS={r["xla_flags"]!r}',
+      f'XLA_FLAGS={r["xla_flags"]!r}; compiler options {r["compiler_options"]}',
       f'{"":44}{"img/s":>10}{"GFLOP":>10}{"GFLOP/s":>10}',
       f'{"train step, DMUE (" + r["branch_mode"] + ")":44}{rate(r["train_images_per_second"])}'
       f'{gf(r["flops_per_step"])}{r["achieved_gflops"]:10.1f}',

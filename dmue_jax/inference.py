@@ -34,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dmue_jax import checkpoints
+from dmue_jax import compiler
 from dmue_jax import input_pipeline
 from dmue_jax import train
 from dmue_jax.checkpoints import CheckpointError
@@ -278,7 +279,7 @@ class Classifier:
     self.max_batch = max_batch
     self.image_size = int(loaded.config.input.image_size)
     self.resize_size = int(loaded.config.input.resize_size)
-    self._logits = jax.jit(functools.partial(train.eval_logits, config=loaded.config))
+    self._logits = compiler.jit(functools.partial(train.eval_logits, config=loaded.config))
 
   @property
   def class_names(self) -> tuple[str, ...]:

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from dmue_jax import checkpoints
+from dmue_jax import compiler
 from dmue_jax import config_lib
 from dmue_jax import datasets
 from dmue_jax import input_pipeline
@@ -285,7 +286,8 @@ def eval_logits(variables: Variables, images, *, config):
 
 def predict_logits(variables: Variables, images, config):
   """[B, C] logits of the inference model (trunk + target branch + neck + target head)."""
-  return jax.jit(functools.partial(eval_logits, config=config))(variables, jnp.asarray(images))
+  return compiler.jit(functools.partial(eval_logits, config=config))(variables,
+                                                                      jnp.asarray(images))
 
 
 # ------------------------------------------------------------------ the training loop
@@ -405,13 +407,13 @@ def predict_split(p_eval, variables, source, config, mesh, *, return_logits=Fals
 def make_jitted_steps(config, mesh, steps_per_epoch: int):
   """(train_step, eval_fn) jitted over the mesh: state replicated, batches sharded."""
   repl = parallel.replicated(mesh)
-  p_train = jax.jit(
+  p_train = compiler.jit(
       functools.partial(train_step, config=config, steps_per_epoch=steps_per_epoch),
       in_shardings=(repl, parallel.train_batch_sharding(mesh), repl),
       out_shardings=(repl, repl), donate_argnums=0)
-  p_eval = jax.jit(functools.partial(eval_logits, config=config),
-                   in_shardings=(repl, parallel.eval_batch_sharding(mesh)),
-                   out_shardings=parallel.eval_batch_sharding(mesh))
+  p_eval = compiler.jit(functools.partial(eval_logits, config=config),
+                        in_shardings=(repl, parallel.eval_batch_sharding(mesh)),
+                        out_shardings=parallel.eval_batch_sharding(mesh))
   return p_train, p_eval
 
 

@@ -1,4 +1,7 @@
-"""The tap-gradient convolution computes what lax's convolution computes, value and gradients."""
+"""The tap-gradient convolution, the max-pools and the matmul batch norm compute what XLA's own
+ops compute, values and gradients."""
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -79,14 +82,13 @@ def test_other_convolutions_fall_back_to_lax():
 
 def test_backend_choice_and_override(monkeypatch):
   monkeypatch.delenv('DMUE_CONV_KERNEL_GRAD', raising=False)
-  assert conv.conv_for_backend('cpu') is conv.conv_strided_taps
-  assert conv.conv_for_backend('gpu') is jax.lax.conv_general_dilated
-  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'xla')
-  assert conv.conv_for_backend('cpu') is jax.lax.conv_general_dilated
+  # XLA's own gradients by default, CPU included (with the Eigen kernels compiler.options picks).
+  for backend in ('cpu', 'gpu', 'tpu'):
+    assert conv.conv_for_backend(backend) is jax.lax.conv_general_dilated
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'taps')
   assert conv.conv_for_backend('tpu') is conv.conv_general_dilated
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'strided')
-  assert conv.conv_for_backend('gpu') is conv.conv_strided_taps
+  assert conv.conv_for_backend('cpu') is conv.conv_strided_taps
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'fast')
   with pytest.raises(ValueError, match='xla, taps, strided'):
     conv.conv_for_backend('cpu')
@@ -111,7 +113,7 @@ def test_flax_conv_in_a_resnet_block_matches_lax(monkeypatch):
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'taps')
   taps = grads()
   assert sorted(calls) == sorted([(3, 3, 8, 16), (3, 3, 16, 16), (1, 1, 8, 16)])
-  # The CPU default: only the strided convolutions (the 3x3/2 and the 1x1/2 downsample).
+  # Only the strided convolutions (the 3x3/2 and the 1x1/2 downsample).
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'strided')
   strided = grads()
   assert sorted(calls[3:]) == sorted([(3, 3, 8, 16), (1, 1, 8, 16)])
@@ -197,3 +199,77 @@ def test_whole_dmue_loss_gradient_matches_lax(monkeypatch):
     a, b = np.asarray(a), np.asarray(b)
     rel = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
     assert rel < 1e-4, (jax.tree_util.keystr(path), rel)
+
+
+# ------------------------------------------------------------------ batch norm
+def _bn_case(shape, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=shape) * 3 + 1, jnp.float32)
+  scale = jnp.asarray(rng.uniform(0.5, 1.5, shape[-1]), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
+  cot = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in (shape, shape[-1:], shape[-1:])]
+  return x, scale, bias, cot
+
+
+@pytest.mark.parametrize('shape', [(6, 5, 7, 4), (9, 3), (2, 1, 1, 8)])
+def test_column_sum_matches_float64(shape):
+  x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+  want = x.reshape(-1, shape[-1]).astype(np.float64).sum(0)
+  np.testing.assert_allclose(conv.column_sum(jnp.asarray(x)), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [(6, 5, 7, 4), (12, 16), (3, 2, 2, 8)])
+def test_matmul_batch_norm_matches_autodiff(shape):
+  """Outputs and the custom gradient, with cotangents on y, the mean and the variance (the
+  running statistics are built from the last two)."""
+  x, scale, bias, (g_y, g_mean, g_var) = _bn_case(shape)
+
+  def loss(fn, x, scale, bias):
+    y, mean, var = fn(x, scale, bias, 1e-5)
+    return jnp.vdot(y, g_y) + jnp.vdot(mean, g_mean) + jnp.vdot(var, g_var)
+
+  for got, want in zip(conv.batch_norm_matmul(x, scale, bias, 1e-5),
+                       conv.batch_norm_xla(x, scale, bias, 1e-5)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  got = jax.grad(functools.partial(loss, conv.batch_norm_matmul), (0, 1, 2))(x, scale, bias)
+  want = jax.grad(functools.partial(loss, conv.batch_norm_xla), (0, 1, 2))(x, scale, bias)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_matmul_batch_norm_in_a_resnet_block_under_vmap():
+  """The BatchNorm module through both implementations: the training output, the running
+  statistics and the parameter gradients agree, also for stacked branches under jax.vmap (as
+  models/dmue.py applies them)."""
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(6, 8, 8, 8)), jnp.float32)
+  block = resnet.Block(8, 'basic')
+  keys = jax.random.split(jax.random.key(0), 3)
+  variables = jax.vmap(lambda k: block.init(k, x, train=False))(keys)
+
+  def loss(params, stats):
+    y, new = block.apply({'params': params, 'batch_stats': stats}, x, train=True,
+                         mutable=['batch_stats'])
+    return jnp.sum(jnp.tanh(y)), new['batch_stats']
+
+  one = jax.value_and_grad(loss, has_aux=True)
+  stacked = jax.vmap(one)
+  results = {}
+  for mode in ('xla', 'matmul'):
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setenv('DMUE_BATCH_NORM', mode)
+      first = jax.tree.map(lambda a: a[0], variables)
+      results[mode] = (one(first['params'], first['batch_stats']),
+                       stacked(variables['params'], variables['batch_stats']))
+  for a, b in zip(jax.tree.leaves(results['matmul']), jax.tree.leaves(results['xla'])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_backend_choice(monkeypatch):
+  monkeypatch.delenv('DMUE_BATCH_NORM', raising=False)
+  assert conv.batch_norm_for_backend('cpu') is conv.batch_norm_matmul
+  assert conv.batch_norm_for_backend('gpu') is conv.batch_norm_xla
+  monkeypatch.setenv('DMUE_BATCH_NORM', 'matmul')
+  assert conv.batch_norm_for_backend('tpu') is conv.batch_norm_matmul
+  monkeypatch.setenv('DMUE_BATCH_NORM', 'fused')
+  with pytest.raises(ValueError, match='xla, matmul'):
+    conv.batch_norm_for_backend('cpu')

@@ -1,4 +1,4 @@
-"""Convolution and max-pools (2x2 and 3x3/2) whose gradients avoid XLA:CPU's slow paths.
+"""Convolution, max-pools and batch norm whose gradients avoid XLA:CPU's slow paths.
 
 Convolution. XLA:CPU computes the kernel gradient of a convolution as another convolution whose
 "kernel" is the whole output gradient. On 2026-11-28 (a 2-core x86 CPU, batch 70, 112 px input)
@@ -9,17 +9,18 @@ gradient is k*k plain matmuls and took 0.16 s. Where the input has few channels 
 conv on RGB), one matmul on the gathered patches [N*Ho*Wo, k*k*Ci] is faster still.
 
 Re-measured on 2026-12-03 (jax 0.10.2, same shapes, forward + both gradients), XLA's own
-gradient now wins for stride-1 convolutions (layer1 3x3: 141 vs 168 ms with taps; layer2: 88 vs
-107 ms), while the taps still win for strided ones (stem: 362 vs 397 ms; layer2's 1x1/2
-downsample: 10.5 vs 29.5 ms). In the whole DMUE step (bench shapes, interleaved medians) taps on
-the strided convolutions only took 5.15 s/step, XLA everywhere 5.45 s, taps everywhere 6.93 s.
+gradient had caught up for stride-1 convolutions with YNNPACK's kernels (layer1 3x3: 141 vs
+168 ms with taps), and the taps still won for strided ones. With XLA's Eigen kernels, which
+`compiler.options()` now selects on CPU, XLA's gradient wins almost everywhere (forward +
+gradients, ms, XLA vs taps: stem 39 vs 154; layer2 3x3/2 38 vs 62; layer3 3x3/2 29 vs 29;
+only the 1x1/2 downsamples, 5-12 ms, are a few ms faster with taps). So `conv_for_backend`
+now gives lax's convolution on every backend; the tap paths stay for comparison
+(DMUE_CONV_KERNEL_GRAD=taps|strided), and they were the better choice with YNNPACK.
 
 `conv_general_dilated` has lax's signature so that it can be handed to `flax.linen.Conv`; it
 takes the tap path for ordinary NHWC/HWIO convolutions (no dilation, no groups, explicit padding)
 and is `lax.conv_general_dilated` otherwise; `conv_strided_taps` does so for strided ones only.
-The forward pass and the input gradient are XLA's own. Accelerators' convolution libraries have
-no such weakness: `conv_for_backend` picks `conv_strided_taps` on CPU and lax's elsewhere.
-DMUE_CONV_KERNEL_GRAD=xla|taps|strided overrides the choice (for benchmarks).
+The forward pass and the input gradient are XLA's own.
 
 Max-pool. The gradient of the reference stem's 2x2/2 max-pool is a select-and-scatter on XLA, which
 took 0.33 s on [70, 56, 56, 64] (forward 0.01 s). Non-overlapping windows make it an elementwise
@@ -32,6 +33,17 @@ tap 1), dense ops only; the value is XLA's reduce-window. Measured on 2026-12-03
 gradient: 316 ms against XLA's 1269 ms on [70, 112, 112, 64] (ResNet-50-IBN at 224 px), 3.2
 against 10.6 ms on the default config's [56, 32, 32, 16]. The gradient equals XLA's up to the
 order in which a position that is the maximum of several windows sums their gradients.
+
+Batch norm. XLA:CPU reduces a 4-D map over three axes several times slower than it streams the
+same data through a matrix-vector product (2026-12-03, [70, 28, 28, 64]: 4.9 ms against 1.0 ms
+for ones[N] @ x.reshape(N, -1) and a sum of the [H*W, C] rows left), and the autodiff of batch
+norm adds two more such reductions to the backward pass. `batch_norm_matmul` computes the batch
+statistics and, in a custom gradient, the two backward sums that way. BN + ReLU forward and
+backward, against the autodiff of the same arithmetic (interleaved): 75 vs 148 ms on the stem's
+[70, 56, 56, 64], 9.2 vs 25.6 ms on [70, 28, 28, 64], 4.3 vs 12.0 ms on [70, 14, 14, 128],
+1.5 vs 4.5 ms on [60, 4, 4, 512]; the plain ResNet-18 train step went from 37.3 to 42.6 img/s (interleaved). The DMUE
+step gains little (the trunk 1.62 -> 1.33 s alone, but XLA already ran those reductions
+alongside the branches' convolutions). The two short sums round less than XLA's long one.
 """
 
 from __future__ import annotations
@@ -152,15 +164,15 @@ _CONVS = {'xla': lax.conv_general_dilated, 'taps': conv_general_dilated,
 
 
 def conv_for_backend(backend: str | None = None) -> Callable[..., jax.Array]:
-  """The convolution to give `nn.Conv`: taps for strided convolutions on CPU, lax's elsewhere.
+  """The convolution to give `nn.Conv`: lax's on every backend (module docstring).
 
-  DMUE_CONV_KERNEL_GRAD=xla|taps|strided overrides the choice (taps = every plain convolution).
+  DMUE_CONV_KERNEL_GRAD=xla|taps|strided overrides the choice (taps = every plain convolution,
+  strided = the strided ones only).
   """
-  choice = os.environ.get('DMUE_CONV_KERNEL_GRAD', '')
-  if choice not in ('',) + tuple(_CONVS):
+  del backend  # XLA's own gradients win on every backend with the default compiler options
+  choice = os.environ.get('DMUE_CONV_KERNEL_GRAD', '') or 'xla'
+  if choice not in _CONVS:
     raise ValueError(f'DMUE_CONV_KERNEL_GRAD must be one of {", ".join(_CONVS)}, not {choice!r}')
-  if not choice:
-    choice = 'strided' if (backend or jax.default_backend()) == 'cpu' else 'xla'
   return _CONVS[choice]
 
 
@@ -264,3 +276,86 @@ def _max_pool_3x3_bwd(residuals, g):
 
 
 max_pool_3x3.defvjp(_max_pool_3x3_fwd, _max_pool_3x3_bwd)
+
+
+# ------------------------------------------------------------------ batch norm
+def column_sum(x: jax.Array) -> jax.Array:
+  """Sum over every axis but the last: [N, ..., C] -> [C].
+
+  As ones[N] @ x.reshape(N, -1), then a sum over the [R, C] rows that leaves (module
+  docstring: faster on XLA:CPU than one reduction over three axes, and rounds less).
+  """
+  n, c = x.shape[0], x.shape[-1]
+  rows = jnp.dot(jnp.ones((n,), x.dtype), x.reshape(n, -1), precision=lax.Precision.HIGHEST)
+  return jnp.sum(rows.reshape(-1, c), axis=0)
+
+
+def _batch_norm_forward(x, scale, bias, epsilon, total):
+  count = x.size // x.shape[-1]
+  mean = total(x) / count
+  # Two-pass variance, as PyTorch's: no E[x^2] - E[x]^2 cancellation.
+  var = total(jnp.square(x - mean)) / count
+  inv = lax.rsqrt(var + epsilon)
+  mul = scale * inv
+  return x * mul + (bias - mean * mul), mean, var, inv
+
+
+def batch_norm_xla(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                   epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode batch norm over every axis but the last, differentiated by JAX.
+
+  x: [N, ..., C] float32; scale, bias: [C]. Returns (y like x, batch mean [C], biased batch
+  variance [C]).
+  """
+  y, mean, var, _ = _batch_norm_forward(x, scale, bias, epsilon,
+                                        lambda a: jnp.sum(a, axis=tuple(range(a.ndim - 1))))
+  return y, mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_matmul(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                      epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`batch_norm_xla` with every sum, forward and backward, as a `column_sum`."""
+  y, mean, var, _ = _batch_norm_forward(x, scale, bias, epsilon, column_sum)
+  return y, mean, var
+
+
+def _batch_norm_matmul_fwd(x, scale, bias, epsilon):
+  y, mean, var, inv = _batch_norm_forward(x, scale, bias, epsilon, column_sum)
+  return (y, mean, var), (x, scale, mean, inv)
+
+
+def _batch_norm_matmul_bwd(epsilon, residuals, cotangents):
+  del epsilon
+  x, scale, mean, inv = residuals
+  g, g_mean, g_var = cotangents
+  count = x.size // x.shape[-1]
+  centred = x - mean
+  sum_g = column_sum(g)
+  sum_g_centred = column_sum(g * centred)
+  # y = centred * inv * scale + bias. Through the batch statistics, with xhat = centred * inv:
+  # dx = scale * inv * (g - mean(g) - xhat * mean(g * xhat)), plus the direct paths of the
+  # mean and variance outputs (d mean / dx = 1/count, d var / dx = 2 * centred / count).
+  k = scale * inv
+  constant = (g_mean - k * sum_g) / count
+  slope = (2 * g_var - k * inv * inv * sum_g_centred) / count
+  dx = k * g + constant + slope * centred
+  return dx, sum_g_centred * inv, sum_g
+
+
+batch_norm_matmul.defvjp(_batch_norm_matmul_fwd, _batch_norm_matmul_bwd)
+
+_BATCH_NORMS = {'xla': batch_norm_xla, 'matmul': batch_norm_matmul}
+
+
+def batch_norm_for_backend(backend: str | None = None) -> Callable[..., tuple]:
+  """The training-mode batch norm: `batch_norm_matmul` on CPU, `batch_norm_xla` elsewhere.
+
+  DMUE_BATCH_NORM=xla|matmul overrides the choice (for benchmarks).
+  """
+  choice = os.environ.get('DMUE_BATCH_NORM', '')
+  if choice not in ('',) + tuple(_BATCH_NORMS):
+    raise ValueError(f'DMUE_BATCH_NORM must be one of {", ".join(_BATCH_NORMS)}, not {choice!r}')
+  if not choice:
+    choice = 'matmul' if (backend or jax.default_backend()) == 'cpu' else 'xla'
+  return _BATCH_NORMS[choice]

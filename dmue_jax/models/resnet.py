@@ -43,23 +43,6 @@ def feature_dim(backbone: str, width: int = 64) -> int:
   return 8 * width * (1 if kind == 'basic' else 4)
 
 
-def _segment_moments(x: jax.Array, sizes: Sequence[int]):
-  """Per-segment mean and biased variance over all axes but the last.
-
-  x: [N, ..., F] with N = sum(sizes). Returns lists of [F] arrays, one per segment.
-  """
-  means, variances, start = [], [], 0
-  for n in sizes:
-    seg = x[start:start + n].astype(jnp.float32)
-    axes = tuple(range(seg.ndim - 1))
-    mean = jnp.mean(seg, axis=axes)
-    # Two-pass variance: the same arithmetic as PyTorch's, no E[x^2]-E[x]^2 cancellation.
-    variances.append(jnp.mean(jnp.square(seg - mean), axis=axes))
-    means.append(mean)
-    start += n
-  return means, variances
-
-
 def segment_count(x: jax.Array, n: int) -> int:
   """Number of values per feature in a segment of n rows of x: n * spatial size."""
   count = n
@@ -95,16 +78,19 @@ class BatchNorm(nn.Module):
       return self._normalize(x, ra_mean.value, ra_var.value, scale, bias)
 
     segments = tuple(segments) if segments is not None else (x.shape[0],)
-    means, variances = _segment_moments(x, segments)
-    counts = [segment_count(x, n) for n in segments]
-
-    outs, start = [], 0
-    for n, mean, var in zip(segments, means, variances):
-      outs.append(self._normalize(x[start:start + n], mean, var, scale, bias))
+    batch_norm = fast_grads.batch_norm_for_backend()
+    outs, means, variances, start = [], [], [], 0
+    for n in segments:
+      y, mean, var = batch_norm(x[start:start + n].astype(jnp.float32), scale, bias,
+                                self.epsilon)
+      outs.append(y.astype(self.dtype))
+      means.append(mean)
+      variances.append(var)
       start += n
     if not self.is_initializing():
       new_mean, new_var = ra_mean.value, ra_var.value
-      for mean, var, count in zip(means, variances, counts):
+      for n, mean, var in zip(segments, means, variances):
+        count = segment_count(x, n)
         unbiased = var * (count / jnp.maximum(jnp.asarray(count, jnp.float32) - 1, 1))
         new_mean = (1 - self.momentum) * new_mean + self.momentum * mean
         new_var = (1 - self.momentum) * new_var + self.momentum * unbiased

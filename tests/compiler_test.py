@@ -1,0 +1,44 @@
+"""compiler.options / compiler.jit: Eigen kernels on CPU unless the user's XLA_FLAGS decide."""
+
+import jax
+import jax.numpy as jnp
+
+from dmue_jax import compiler
+
+
+def _conv(x, w):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _compiled_text(jitted) -> str:
+  # Wide enough for YNNPACK to take it (it leaves very small convolutions to Eigen anyway).
+  x, w = jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 32))
+  return jitted.lower(x, w).compile().as_text()
+
+
+def test_cpu_jits_use_eigen_kernels(monkeypatch):
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  assert compiler.options('cpu') == {compiler.YNN_OPTION: ''}
+  assert compiler.options('gpu') is None
+  text = _compiled_text(compiler.jit(_conv))
+  assert 'convolution(' in text and 'ynn' not in text.lower()
+  # What the option turns off: jaxlib 0.10 fuses the same convolution into YNNPACK by default.
+  assert 'ynn' in _compiled_text(jax.jit(_conv)).lower()
+
+
+def test_xla_flags_naming_the_option_win(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', f'--{compiler.YNN_OPTION}=individual_convolution')
+  assert compiler.options('cpu') is None
+  assert compiler.merged({'a': 1}) == {'a': 1}
+
+
+def test_merged_extra_options_win(monkeypatch):
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  assert compiler.merged(None) == {compiler.YNN_OPTION: ''}
+  assert compiler.merged({compiler.YNN_OPTION: 'x', 'b': 0}) == {compiler.YNN_OPTION: 'x', 'b': 0}
+
+
+def test_unknown_options_are_detected():
+  assert compiler._option_known(compiler.YNN_OPTION, '')  # pylint: disable=protected-access
+  assert not compiler._option_known('xla_no_such_option_anywhere', '')  # pylint: disable=protected-access
