@@ -40,5 +40,6 @@ def test_merged_extra_options_win(monkeypatch):
 
 
 def test_unknown_options_are_detected():
-  assert compiler._option_known(compiler.YNN_OPTION, '')  # pylint: disable=protected-access
-  assert not compiler._option_known('xla_no_such_option_anywhere', '')  # pylint: disable=protected-access
+  known = compiler._option_known  # pylint: disable=protected-access
+  assert known(compiler.YNN_OPTION, '')
+  assert not known('xla_no_such_option_anywhere', '')

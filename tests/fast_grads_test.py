@@ -174,7 +174,8 @@ def test_max_pool_3x3_gives_a_tied_window_to_its_first_maximum():
 
 def test_whole_dmue_loss_gradient_matches_lax(monkeypatch):
   """Every parameter's gradient of the full DMUE loss (trunk, 7 auxiliary and the target
-  branches, every loss term) agrees with XLA's own convolution gradients."""
+  branches, every loss term) agrees with XLA's own convolution gradients and autodiff BatchNorm,
+  with the tap kernel gradients and with the matmul BatchNorm."""
   from configs import default  # pylint: disable=g-import-not-at-top
   from dmue_jax import train  # pylint: disable=g-import-not-at-top
   config = default.get_config('tiny')
@@ -185,20 +186,21 @@ def test_whole_dmue_loss_gradient_matches_lax(monkeypatch):
   images = jnp.asarray(rng.normal(size=(c * k, 32, 32, 3)), jnp.float32)
   labels = jnp.asarray(np.repeat(np.arange(c), k))
 
-  def grads():
+  def grads(conv_grad, batch_norm):
+    monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', conv_grad)
+    monkeypatch.setenv('DMUE_BATCH_NORM', batch_norm)
+
     def loss(params):
       return train.loss_terms({'params': params, 'batch_stats': variables['batch_stats']},
                               images, labels, epoch=10, config=config)['total']
     return jax.jit(jax.grad(loss))(variables['params'])
 
-  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'taps')
-  taps = grads()
-  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'xla')
-  xla = grads()
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(taps), jax.tree.leaves(xla)):
-    a, b = np.asarray(a), np.asarray(b)
-    rel = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
-    assert rel < 1e-4, (jax.tree_util.keystr(path), rel)
+  xla = grads('xla', 'xla')
+  for variant in (grads('taps', 'xla'), grads('xla', 'matmul')):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(variant), jax.tree.leaves(xla)):
+      a, b = np.asarray(a), np.asarray(b)
+      rel = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
+      assert rel < 1e-4, (jax.tree_util.keystr(path), rel)
 
 
 # ------------------------------------------------------------------ batch norm

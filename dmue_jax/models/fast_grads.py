@@ -41,9 +41,9 @@ norm adds two more such reductions to the backward pass. `batch_norm_matmul` com
 statistics and, in a custom gradient, the two backward sums that way. BN + ReLU forward and
 backward, against the autodiff of the same arithmetic (interleaved): 75 vs 148 ms on the stem's
 [70, 56, 56, 64], 9.2 vs 25.6 ms on [70, 28, 28, 64], 4.3 vs 12.0 ms on [70, 14, 14, 128],
-1.5 vs 4.5 ms on [60, 4, 4, 512]; the plain ResNet-18 train step went from 37.3 to 42.6 img/s (interleaved). The DMUE
-step gains little (the trunk 1.62 -> 1.33 s alone, but XLA already ran those reductions
-alongside the branches' convolutions). The two short sums round less than XLA's long one.
+1.5 vs 4.5 ms on [60, 4, 4, 512]. The plain ResNet-18 train step went from 37.3 to 42.6 img/s
+(interleaved); the DMUE step gains little (the trunk alone 1.62 -> 1.33 s; README, Measured).
+The two short sums round less than XLA's long one.
 """
 
 from __future__ import annotations
