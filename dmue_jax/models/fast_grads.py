@@ -170,10 +170,15 @@ def conv_for_backend(backend: str | None = None) -> Callable[..., jax.Array]:
   strided = the strided ones only).
   """
   del backend  # XLA's own gradients win on every backend with the default compiler options
-  choice = os.environ.get('DMUE_CONV_KERNEL_GRAD', '') or 'xla'
-  if choice not in _CONVS:
-    raise ValueError(f'DMUE_CONV_KERNEL_GRAD must be one of {", ".join(_CONVS)}, not {choice!r}')
-  return _CONVS[choice]
+  return _chosen('DMUE_CONV_KERNEL_GRAD', _CONVS, 'xla')
+
+
+def _chosen(variable: str, table: dict[str, Callable], default: str) -> Callable:
+  """table[$variable], or table[default] where the variable is unset or empty."""
+  choice = os.environ.get(variable, '') or default
+  if choice not in table:
+    raise ValueError(f'{variable} must be one of {", ".join(table)}, not {choice!r}')
+  return table[choice]
 
 
 # ------------------------------------------------------------------ max-pool
@@ -353,9 +358,5 @@ def batch_norm_for_backend(backend: str | None = None) -> Callable[..., tuple]:
 
   DMUE_BATCH_NORM=xla|matmul overrides the choice (for benchmarks).
   """
-  choice = os.environ.get('DMUE_BATCH_NORM', '')
-  if choice not in ('',) + tuple(_BATCH_NORMS):
-    raise ValueError(f'DMUE_BATCH_NORM must be one of {", ".join(_BATCH_NORMS)}, not {choice!r}')
-  if not choice:
-    choice = 'matmul' if (backend or jax.default_backend()) == 'cpu' else 'xla'
-  return _BATCH_NORMS[choice]
+  on_cpu = (backend or jax.default_backend()) == 'cpu'
+  return _chosen('DMUE_BATCH_NORM', _BATCH_NORMS, 'matmul' if on_cpu else 'xla')
