@@ -7,6 +7,7 @@ import os
 import jax
 
 from dmue_jax import bench
+from dmue_jax import compiler
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
                       'default.py')
@@ -20,7 +21,15 @@ REQUIRED = (
     'flops_ratio_vs_reference_subsets')
 
 
-def test_json_line_has_every_measurement(capsys):
+def test_json_line_has_every_measurement(capsys, monkeypatch):
+  calls = []
+  original = bench._interleaved_medians  # pylint: disable=protected-access
+
+  def spy(fns, steps):
+    calls.append((sorted(fns), steps))
+    return original(fns, steps)
+
+  monkeypatch.setattr(bench, '_interleaved_medians', spy)
   # --skip-vmap: compiling the second branch mode would double the test's time; the tiny
   # config's own mode is timed and reported under its key.
   results = bench.main(['bench', f'--config={CONFIG}:tiny', '--steps=1', '--pipeline-steps=1',
@@ -37,6 +46,12 @@ def test_json_line_has_every_measurement(capsys):
     value = parsed[key]
     assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
   assert isinstance(parsed['device'], str) and parsed['device']
+  # The train steps get --steps timed calls; the short inference calls at least 15 each.
+  assert (['dmue', 'plain'], 15) in calls
+  assert all(steps == 1 for names, steps in calls if names != ['dmue', 'plain'])
+  # --fast-compile adds its option to the library's own.
+  assert parsed['compiler_options'] == {**(compiler.options() or {}),
+                                        'xla_backend_optimization_level': 0}
   assert isinstance(parsed['jax_version'], str) and parsed['jax_version']
   # The step does the reference's work plus a little (heads, neck, losses, metrics).
   assert 1.0 < parsed['flops_ratio_vs_reference_subsets'] < 1.5
