@@ -125,10 +125,10 @@ class IBN(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train, segments=None):
+  def __call__(self, x, *, train):
     half = x.shape[-1] // 2
     a = InstanceNorm(dtype=self.dtype, name='IN')(x[..., :half])
-    b = BatchNorm(dtype=self.dtype, name='BN')(x[..., half:], train=train, segments=segments)
+    b = BatchNorm(dtype=self.dtype, name='BN')(x[..., half:], train=train)
     return jnp.concatenate([a, b], axis=-1)
 
 
@@ -150,9 +150,9 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train, segments=None):
+  def __call__(self, x, *, train):
     norm = functools.partial(BatchNorm, dtype=self.dtype)
-    bn = lambda name: (lambda y: norm(name=name)(y, train=train, segments=segments))
+    bn = lambda name: (lambda y: norm(name=name)(y, train=train))
     conv = lambda f, k, s, name: _conv(f, k, s, self.dtype, name)
     residual = x
     if self.kind == 'basic':
@@ -163,7 +163,7 @@ class Block(nn.Module):
     else:
       y = conv(self.features, 1, 1, 'conv1')(x)
       if self.ibn:
-        y = IBN(dtype=self.dtype, name='bn1')(y, train=train, segments=segments)
+        y = IBN(dtype=self.dtype, name='bn1')(y, train=train)
       else:
         y = bn('bn1')(y)
       y = nn.relu(y)
@@ -225,22 +225,19 @@ class Trunk(nn.Module):
 
 
 class Stage4(nn.Module):
-  """One copy of layer4: [N, h, w, Fin] -> [N, h', w', D].
-
-  `segments` passes through to every BatchNorm (see BatchNorm).
-  """
+  """One copy of layer4: [N, h, w, Fin] -> [N, h', w', D]."""
   backbone: str = 'resnet18'
   width: int = 64
   last_stride: int = 2
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool, segments=None):
+  def __call__(self, x, *, train: bool):
     kind, layers = SPECS[self.backbone]
     width = NARROW_WIDTH if self.backbone == 'resnet18_narrow' else self.width
     for _, block in _stage_blocks(kind, width, 3, layers[3], x.shape[-1], self.last_stride,
                                   self.dtype):
-      x = block(x, train=train, segments=segments)
+      x = block(x, train=train)
     return x
 
 
