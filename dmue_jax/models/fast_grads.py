@@ -295,14 +295,23 @@ def column_sum(x: jax.Array) -> jax.Array:
   return jnp.sum(rows.reshape(-1, c), axis=0)
 
 
+def normalize(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array,
+              bias: jax.Array, epsilon: float) -> jax.Array:
+  """(x - mean) / sqrt(var + epsilon) * scale + bias, as one multiply-add per entry.
+
+  x: [N, ..., C]; the rest [C]. The one formula of training (batch statistics) and inference
+  (running statistics), so that both round alike.
+  """
+  mul = scale * lax.rsqrt(var + epsilon)
+  return x * mul + (bias - mean * mul)
+
+
 def _batch_norm_forward(x, scale, bias, epsilon, total):
   count = x.size // x.shape[-1]
   mean = total(x) / count
   # Two-pass variance, as PyTorch's: no E[x^2] - E[x]^2 cancellation.
   var = total(jnp.square(x - mean)) / count
-  inv = lax.rsqrt(var + epsilon)
-  mul = scale * inv
-  return x * mul + (bias - mean * mul), mean, var, inv
+  return normalize(x, mean, var, scale, bias, epsilon), mean, var, lax.rsqrt(var + epsilon)
 
 
 def batch_norm_xla(x: jax.Array, scale: jax.Array, bias: jax.Array,
