@@ -76,11 +76,11 @@ class PUE(nn.Module):
 
 
 class Neck(nn.Module):
-  """The BN-neck over pooled features, optionally per segment (see resnet.BatchNorm)."""
+  """The BN-neck over pooled features, optionally per stacked segment (see resnet.BatchNorm)."""
 
   @nn.compact
-  def __call__(self, x, *, train, segments=None):
-    return resnet.BatchNorm(name='bn')(x, train=train, segments=segments)
+  def __call__(self, x, *, train, stacked=False):
+    return resnet.BatchNorm(name='bn')(x, train=train, stacked=stacked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,28 +258,24 @@ class DMUEModel:
     passes 0..C-1; with `all_passes` the running statistics are updated in that order (Q4).
     Returns ((aux [C,(C-1)k,D], target [Ck,D], latent [C,k,D]), new neck batch_stats).
     """
-    c, m, d = aux_z.shape
-    k = latent_z.shape[1]
     if not self.bnneck:
       return (aux_z, target_in, latent_z), stats['neck']
-    variables = {'params': params['neck'], 'batch_stats': stats['neck']}
-    neck = Neck()
+
+    def neck(x, batch_stats, stacked):
+      y, new = Neck().apply({'params': params['neck'], 'batch_stats': batch_stats}, x,
+                            train=True, stacked=stacked, mutable=['batch_stats'])
+      return y, new['batch_stats']
+
     if all_passes:
-      rows = jnp.concatenate([aux_z.reshape(c * m, d), target_in, latent_z.reshape(c * k, d)])
-      segs = (m,) * c + (c * k,) + (k,) * c
-      y, new = neck.apply(variables, rows, train=True, segments=segs, mutable=['batch_stats'])
-      aux_f = y[:c * m].reshape(c, m, d)
-      target_f = y[c * m:c * m + c * k]
-      latent_f = y[c * m + c * k:].reshape(c, k, d)
-      return (aux_f, target_f, latent_f), new['batch_stats']
-    target_f, new = neck.apply(variables, target_in, train=True, mutable=['batch_stats'])
+      aux_f, s = neck(aux_z, stats['neck'], True)
+      target_f, s = neck(target_in, s, False)
+      latent_f, s = neck(latent_z, s, True)
+      return (aux_f, target_f, latent_f), s
+    target_f, s = neck(target_in, stats['neck'], False)
     # The other passes normalise with their own statistics but leave the averages alone.
-    side = jnp.concatenate([aux_z.reshape(c * m, d), latent_z.reshape(c * k, d)])
-    side_y, _ = neck.apply(variables, side, train=True, segments=(m,) * c + (k,) * c,
-                           mutable=['batch_stats'])
-    aux_f = side_y[:c * m].reshape(c, m, d)
-    latent_f = side_y[c * m:].reshape(c, k, d)
-    return (aux_f, target_f, latent_f), new['batch_stats']
+    aux_f, _ = neck(aux_z, stats['neck'], True)
+    latent_f, _ = neck(latent_z, stats['neck'], True)
+    return (aux_f, target_f, latent_f), s
 
   def apply_pue(self, params, stats_input):
     """[N, 2C] -> [N, 1] uncertainty score."""
