@@ -275,3 +275,55 @@ def test_batch_norm_backend_choice(monkeypatch):
   monkeypatch.setenv('DMUE_BATCH_NORM', 'fused')
   with pytest.raises(ValueError, match='xla, matmul'):
     conv.batch_norm_for_backend('cpu')
+
+
+def test_identity_cond_is_the_identity_in_value_and_gradient():
+  """x * 1 is x exactly, so both branches return x: NaN and -0 included, and the gradient is
+  passed through unchanged."""
+  x = jnp.asarray([[np.nan, -0.0, 1.5], [2.0, -3.0, 1e-30]], jnp.float32)
+  for data in (x, x.at[0, 0].set(4.0)):          # a NaN first entry takes the other branch
+    got = jax.jit(conv._identity_cond)(data)      # pylint: disable=protected-access
+    np.testing.assert_array_equal(got, data)
+    assert np.array_equal(np.signbit(got), np.signbit(data))
+  cot = jnp.arange(6.0).reshape(2, 3)
+  _, vjp = jax.vjp(conv._identity_cond, x.at[0, 0].set(4.0))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(vjp(cot)[0], cot)
+
+
+def _block_train_grads(block, variables, x):
+  def loss(params):
+    y, new = block.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+    return jnp.sum(jnp.tanh(y)), new['batch_stats']
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+@pytest.mark.parametrize('kind', ['basic', 'bottleneck'])
+def test_materialized_block_matches_and_keeps_its_conditionals(monkeypatch, kind):
+  """A training block on CPU writes its ReLU outputs through conditionals (2 for 'basic', 3 for
+  'bottleneck'): XLA keeps them, which is what stops it fusing the activations into the
+  kernel-gradient transposes. Loss, gradients and statistics equal the block without them."""
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 8, 8, 16)), jnp.float32)
+  block = resnet.Block(4 if kind == 'bottleneck' else 16, kind, stride=2, downsample=True)
+  variables = block.init(jax.random.key(1), x, train=False)
+  results, conditionals = {}, {}
+  for mode in ('cond', 'off'):
+    monkeypatch.setenv('DMUE_MATERIALIZE', mode)
+    step = _block_train_grads(block, variables, x)
+    hlo = step.lower(variables['params']).compile().as_text()
+    conditionals[mode] = hlo.count(' conditional(')
+    results[mode] = step(variables['params'])
+  # Forward and backward each keep one conditional per ReLU output.
+  assert conditionals == {'cond': 2 * (2 if kind == 'basic' else 3), 'off': 0}
+  for a, b in zip(jax.tree.leaves(results['cond']), jax.tree.leaves(results['off'])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_materialize_backend_choice(monkeypatch):
+  monkeypatch.delenv('DMUE_MATERIALIZE', raising=False)
+  assert conv.materialize_for_backend('cpu') is conv._identity_cond  # pylint: disable=protected-access
+  assert conv.materialize_for_backend('gpu') is conv._identity  # pylint: disable=protected-access
+  monkeypatch.setenv('DMUE_MATERIALIZE', 'cond')
+  assert conv.materialize_for_backend('tpu') is conv._identity_cond  # pylint: disable=protected-access
+  monkeypatch.setenv('DMUE_MATERIALIZE', 'barrier')
+  with pytest.raises(ValueError, match='cond, off'):
+    conv.materialize_for_backend('cpu')

@@ -44,6 +44,16 @@ backward, against the autodiff of the same arithmetic (interleaved): 75 vs 148 m
 1.5 vs 4.5 ms on [60, 4, 4, 512]. The plain ResNet-18 train step went from 37.3 to 42.6 img/s
 (interleaved); the DMUE step gains little (the trunk alone 1.62 -> 1.33 s; README, Measured).
 The two short sums round less than XLA's long one.
+
+Materialised activations. The kernel gradient of an XLA:CPU convolution reads its input
+transposed ([N, H, W, C] -> [C, H, W, N]), and XLA fuses that transpose with the elementwise ops
+that produced the input (BN, residual add, ReLU), recomputing them in transposed order instead
+of reading the buffer the forward pass already wrote: on 2026-12-04 one such fusion recomputed
+two blocks of layer1 (three [70, 28, 28, 64] reads per output entry, 86 ms per step). XLA:CPU
+drops `lax.optimization_barrier` before fusion, but cannot fuse through a conditional, so
+`materialize` passes a block's activations through an identity `lax.cond`. The transposes
+become plain copies (14.5 ms each there); all activation transposes of the DMUE step went from
+about 0.72 to 0.49 CPU-s and the step from 3.92-4.10 to 3.66-3.69 s (interleaved, one process).
 """
 
 from __future__ import annotations
@@ -369,3 +379,31 @@ def batch_norm_for_backend(backend: str | None = None) -> Callable[..., tuple]:
   """
   on_cpu = (backend or jax.default_backend()) == 'cpu'
   return _chosen('DMUE_BATCH_NORM', _BATCH_NORMS, 'matmul' if on_cpu else 'xla')
+
+
+# ------------------------------------------------------------------ materialise
+def _identity_cond(x: jax.Array) -> jax.Array:
+  """x through a `lax.cond` whose branches both return it, on a predicate XLA cannot fold."""
+  first = x.reshape(-1)[0]
+  # False only for a NaN. x * 1 is x exactly (IEEE), but XLA keeps a conditional only while
+  # its branches differ: two `lambda a: a` branches are merged and the fusion comes back.
+  return lax.cond(first == first, lambda a: a, lambda a: a * 1.0, x)
+
+
+def _identity(x: jax.Array) -> jax.Array:
+  return x
+
+
+_MATERIALIZE = {'cond': _identity_cond, 'off': _identity}
+
+
+def materialize_for_backend(backend: str | None = None) -> Callable[[jax.Array], jax.Array]:
+  """The identity that makes XLA write an activation to its own buffer (module docstring):
+  an identity `lax.cond` on CPU; plain identity elsewhere, where a conditional costs a
+  device-to-host copy of its predicate (GPU) and no such transposes were measured.
+
+  DMUE_MATERIALIZE=cond|off overrides the choice (for benchmarks). Values and gradients are
+  the same either way.
+  """
+  on_cpu = (backend or jax.default_backend()) == 'cpu'
+  return _chosen('DMUE_MATERIALIZE', _MATERIALIZE, 'cond' if on_cpu else 'off')

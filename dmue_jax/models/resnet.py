@@ -155,10 +155,14 @@ class Block(nn.Module):
     norm = functools.partial(BatchNorm, dtype=self.dtype)
     bn = lambda name: (lambda y: norm(name=name)(y, train=train))
     conv = lambda f, k, s, name: _conv(f, k, s, self.dtype, name)
+    # Every ReLU output is the input of a convolution whose kernel gradient reads it transposed;
+    # in training it is written once rather than recomputed there (fast_grads: materialised).
+    materialize = fast_grads.materialize_for_backend() if train else (lambda a: a)
+    relu = lambda y: materialize(nn.relu(y))
     residual = x
     if self.kind == 'basic':
       y = conv(self.features, 3, self.stride, 'conv1')(x)
-      y = nn.relu(bn('bn1')(y))
+      y = relu(bn('bn1')(y))
       y = bn('bn2')(conv(self.features, 3, 1, 'conv2')(y))
       out_features = self.features
     else:
@@ -167,13 +171,13 @@ class Block(nn.Module):
         y = IBN(dtype=self.dtype, name='bn1')(y, train=train)
       else:
         y = bn('bn1')(y)
-      y = nn.relu(y)
-      y = nn.relu(bn('bn2')(conv(self.features, 3, self.stride, 'conv2')(y)))
+      y = relu(y)
+      y = relu(bn('bn2')(conv(self.features, 3, self.stride, 'conv2')(y)))
       out_features = self.features * 4
       y = bn('bn3')(conv(out_features, 1, 1, 'conv3')(y))
     if self.downsample:
       residual = bn('downsample_bn')(conv(out_features, 1, self.stride, 'downsample_conv')(x))
-    return nn.relu(y + residual)
+    return relu(y + residual)
 
 
 def _stage_blocks(kind, width, index, num_blocks, in_features, stride, dtype):
