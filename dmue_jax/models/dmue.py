@@ -43,6 +43,32 @@ def others(num_classes: int) -> np.ndarray:
                   dtype=np.int32)
 
 
+@jax.custom_vjp
+def _unstack_array(a: jax.Array) -> tuple[jax.Array, ...]:
+  return tuple(a[i] for i in range(a.shape[0]))
+
+
+def _unstack_array_fwd(a):
+  return _unstack_array(a), None
+
+
+def _unstack_array_bwd(_, cotangents):
+  # One stack of the per-copy gradients (autodiff of the slices would pad each to the full
+  # shape and add the pads).
+  return (jnp.stack(cotangents),)
+
+
+_unstack_array.defvjp(_unstack_array_fwd, _unstack_array_bwd)
+
+
+def unstack(tree) -> list:
+  """A tree of stacked arrays [N, ...] -> a list of N trees, copy b holding every a[b]."""
+  leaves, treedef = jax.tree.flatten(tree)
+  columns = [_unstack_array(a) for a in leaves]
+  count = len(columns[0]) if columns else 0
+  return [jax.tree.unflatten(treedef, [col[b] for col in columns]) for b in range(count)]
+
+
 def default_branch_mode() -> str:
   """'loop' on CPU, where vmapped convolutions with batched weights become slow grouped
   convolutions (measured: about 4x slower); 'vmap' on accelerators."""
@@ -153,7 +179,8 @@ class DMUEModel:
   def apply_branches(self, params, stats, x, *, train):
     """Applies stacked layer4 copies, copy b to x[b].
 
-    params/stats: stacked with leading axis N; x: [N, rows, h, w, F].
+    params: stacked with leading axis N, or (loop mode) a list of N per-copy trees from
+      `unstack`; stats: stacked; x: [N, rows, h, w, F].
     Returns ([N, rows, h', w', D], new stacked batch_stats).
     """
     mutable = ['batch_stats'] if train else False
@@ -167,9 +194,11 @@ class DMUEModel:
 
     if self.branch_mode == 'vmap':
       return jax.vmap(one)(params, stats, x)
+    if not isinstance(params, list):
+      params = unstack(params)
     ys, new_stats = [], []
     for b in range(x.shape[0]):
-      y, s2 = one(jax.tree.map(lambda a: a[b], params), jax.tree.map(lambda a: a[b], stats), x[b])
+      y, s2 = one(params[b], jax.tree.map(lambda a: a[b], stats), x[b])
       ys.append(y)
       new_stats.append(s2)
     return jnp.stack(ys), jax.tree.map(lambda *a: jnp.stack(a), *new_stats)
@@ -207,14 +236,19 @@ class DMUEModel:
     # on everything. The latent pass is cut from the gradient: its output only feeds the
     # detached distribution, and a separate call lets XLA skip its backward pass entirely.
     aux_in = hg[others(c)].reshape((c, (c - 1) * k) + h.shape[1:])
-    first = lambda t: jax.tree.map(lambda a: a[:c], t)
-    aux_feats, aux_stats = self.apply_branches(first(params['branches']),
-                                               first(stats['branches']), aux_in, train=True)
+    branches = params['branches']
+    if self.branch_mode != 'vmap':
+      # One unstack for all C+1 branches: its gradient is one stack, where slicing the aux and
+      # target copies separately made XLA pad each branch's gradient and sum the pads.
+      branches = unstack(branches)
+    first = lambda t: t[:c] if isinstance(t, list) else jax.tree.map(lambda a: a[:c], t)
+    last = lambda t: t[c:] if isinstance(t, list) else jax.tree.map(lambda a: a[c:], t)
+    aux_feats, aux_stats = self.apply_branches(first(branches), first(stats['branches']),
+                                               aux_in, train=True)
     lat_feats, lat_stats = self.apply_branches(
-        jax.lax.stop_gradient(first(params['branches'])), aux_stats, jax.lax.stop_gradient(hg),
+        jax.lax.stop_gradient(first(branches)), aux_stats, jax.lax.stop_gradient(hg),
         train=True)
-    last = lambda t: jax.tree.map(lambda a: a[c:], t)
-    tgt_feats, tgt_stats = self.apply_branches(last(params['branches']), last(stats['branches']),
+    tgt_feats, tgt_stats = self.apply_branches(last(branches), last(stats['branches']),
                                                h[None], train=True)
     branch_stats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), lat_stats, tgt_stats)
     pool = jax.vmap(lambda f: resnet.pool(f, self.pooling))
