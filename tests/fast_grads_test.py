@@ -2,6 +2,10 @@
 ops compute, values and gradients."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -281,13 +285,14 @@ def test_identity_cond_is_the_identity_in_value_and_gradient():
   """x * 1 is x exactly, so both branches return x: NaN and -0 included, and the gradient is
   passed through unchanged."""
   x = jnp.asarray([[np.nan, -0.0, 1.5], [2.0, -3.0, 1e-30]], jnp.float32)
-  for data in (x, x.at[0, 0].set(4.0)):          # a NaN first entry takes the other branch
-    got = jax.jit(conv._identity_cond)(data)      # pylint: disable=protected-access
-    np.testing.assert_array_equal(got, data)
-    assert np.array_equal(np.signbit(got), np.signbit(data))
-  cot = jnp.arange(6.0).reshape(2, 3)
-  _, vjp = jax.vjp(conv._identity_cond, x.at[0, 0].set(4.0))  # pylint: disable=protected-access
-  np.testing.assert_array_equal(vjp(cot)[0], cot)
+  cond = jax.jit(conv._identity_cond)                    # pylint: disable=protected-access
+  for anchor in (0.5, np.nan):                           # a NaN anchor takes the other branch
+    got = cond(x, jnp.float32(anchor))
+    np.testing.assert_array_equal(got, x)
+    assert np.array_equal(np.signbit(got), np.signbit(x))
+    cot = jnp.arange(6.0).reshape(2, 3)
+    _, vjp = jax.vjp(lambda a, anchor=anchor: cond(a, jnp.float32(anchor)), x)
+    np.testing.assert_array_equal(vjp(cot)[0], cot)
 
 
 def _block_train_grads(block, variables, x):
@@ -316,6 +321,40 @@ def test_materialized_block_matches_and_keeps_its_conditionals(monkeypatch, kind
   assert conditionals == {'cond': 2 * (2 if kind == 'basic' else 3), 'off': 0}
   for a, b in zip(jax.tree.leaves(results['cond']), jax.tree.leaves(results['off'])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+_SHARDED_BLOCK = """
+import json, os, sys
+import jax, jax.numpy as jnp, numpy as np
+from dmue_jax.models import resnet
+mesh = jax.make_mesh((2,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+data = np.random.default_rng(6).normal(size=(4, 8, 8, 16)).astype(np.float32)
+x = jax.device_put(data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
+block = resnet.Block(16, 'basic')
+variables = block.init(jax.random.key(2), data, train=False)
+def loss(params, x):
+  y, _ = block.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+  return jnp.sum(jnp.tanh(y))
+hlo = jax.jit(jax.grad(loss)).lower(variables['params'], x).compile().as_text()
+print(json.dumps([hlo.count(' conditional('), hlo.count('all-reduce(')]))
+"""
+
+
+def test_materialized_block_adds_no_collective_when_sharded():
+  """The predicate reads a (replicated) parameter, not the batch-sharded activations: with the
+  batch split over two CPU devices the block's gradient has as many all-reduces as without the
+  conditionals (BatchNorm's own). Reading the first activation cost one more per conditional."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  counts = {}
+  for mode in ('cond', 'off'):
+    env = dict(os.environ, PYTHONPATH=root, DMUE_MATERIALIZE=mode,
+               XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    proc = subprocess.run([sys.executable, '-c', _SHARDED_BLOCK], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert counts['cond'][0] > 0 and counts['off'][0] == 0
+  assert counts['cond'][1] == counts['off'][1] > 0
 
 
 def test_materialize_backend_choice(monkeypatch):

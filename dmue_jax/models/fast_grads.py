@@ -382,28 +382,34 @@ def batch_norm_for_backend(backend: str | None = None) -> Callable[..., tuple]:
 
 
 # ------------------------------------------------------------------ materialise
-def _identity_cond(x: jax.Array) -> jax.Array:
-  """x through a `lax.cond` whose branches both return it, on a predicate XLA cannot fold."""
-  first = x.reshape(-1)[0]
-  # False only for a NaN. x * 1 is x exactly (IEEE), but XLA keeps a conditional only while
-  # its branches differ: two `lambda a: a` branches are merged and the fusion comes back.
-  return lax.cond(first == first, lambda a: a, lambda a: a * 1.0, x)
+def _identity_cond(x: jax.Array, anchor: jax.Array) -> jax.Array:
+  """x through a `lax.cond` whose branches both return it, on a predicate XLA cannot fold.
+
+  anchor: any scalar the program holds at run time, e.g. one parameter entry. A parameter is
+  replicated across devices, so the predicate needs no collective, where reading x itself (a
+  batch-sharded map) made XLA broadcast its first entry to every device for every conditional.
+  """
+  # False only for a NaN anchor. x * 1 is x exactly (IEEE), but XLA keeps a conditional only
+  # while its branches differ: two `lambda a: a` branches are merged and the fusion comes back.
+  return lax.cond(anchor == anchor, lambda a: a, lambda a: a * 1.0, x)
 
 
-def _identity(x: jax.Array) -> jax.Array:
+def _identity(x: jax.Array, anchor: jax.Array) -> jax.Array:
+  del anchor
   return x
 
 
 _MATERIALIZE = {'cond': _identity_cond, 'off': _identity}
 
 
-def materialize_for_backend(backend: str | None = None) -> Callable[[jax.Array], jax.Array]:
+def materialize_for_backend(
+    backend: str | None = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """The identity that makes XLA write an activation to its own buffer (module docstring):
   an identity `lax.cond` on CPU; plain identity elsewhere, where a conditional costs a
   device-to-host copy of its predicate (GPU) and no such transposes were measured.
 
-  DMUE_MATERIALIZE=cond|off overrides the choice (for benchmarks). Values and gradients are
-  the same either way.
+  Called as f(x, anchor) (see `_identity_cond`). DMUE_MATERIALIZE=cond|off overrides the choice
+  (for benchmarks). Values and gradients are the same either way.
   """
   on_cpu = (backend or jax.default_backend()) == 'cpu'
   return _chosen('DMUE_MATERIALIZE', _MATERIALIZE, 'cond' if on_cpu else 'off')

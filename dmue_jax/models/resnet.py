@@ -157,8 +157,11 @@ class Block(nn.Module):
     conv = lambda f, k, s, name: _conv(f, k, s, self.dtype, name)
     # Every ReLU output is the input of a convolution whose kernel gradient reads it transposed;
     # in training it is written once rather than recomputed there (fast_grads: materialised).
-    materialize = fast_grads.materialize_for_backend() if train else (lambda a: a)
-    relu = lambda y: materialize(nn.relu(y))
+    materialize = fast_grads.materialize_for_backend() if train else (lambda a, _: a)
+    # The conditionals' predicate reads one entry of conv1's kernel (created before any ReLU):
+    # a parameter is replicated, so no device waits for another's data to decide it.
+    anchor = lambda: self.variables['params']['conv1']['kernel'].reshape(-1)[0]
+    relu = lambda y: materialize(nn.relu(y), anchor())
     residual = x
     if self.kind == 'basic':
       y = conv(self.features, 3, self.stride, 'conv1')(x)
