@@ -51,9 +51,10 @@ that produced the input (BN, residual add, ReLU), recomputing them in transposed
 of reading the buffer the forward pass already wrote: on 2026-12-04 one such fusion recomputed
 two blocks of layer1 (three [70, 28, 28, 64] reads per output entry, 86 ms per step). XLA:CPU
 drops `lax.optimization_barrier` before fusion, but cannot fuse through a conditional, so
-`materialize` passes a block's activations through an identity `lax.cond`. The transposes
-become plain copies (14.5 ms each there); all activation transposes of the DMUE step went from
-about 0.72 to 0.49 CPU-s and the step from 3.92-4.10 to 3.66-3.69 s (interleaved, one process).
+`materialize_for_backend` gives resnet.Block an identity `lax.cond` for its activations. The
+transposes become plain copies (14.5 ms each there); all activation transposes of the DMUE step
+went from about 0.72 to 0.49 CPU-s and the step from 3.88-4.10 to 3.59-3.69 s (three interleaved
+pairs in one process).
 """
 
 from __future__ import annotations
