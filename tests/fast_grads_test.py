@@ -324,7 +324,7 @@ def test_materialized_block_matches_and_keeps_its_conditionals(monkeypatch, kind
 
 
 _SHARDED_BLOCK = """
-import json, os, sys
+import json
 import jax, jax.numpy as jnp, numpy as np
 from dmue_jax.models import resnet
 mesh = jax.make_mesh((2,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))

@@ -155,13 +155,15 @@ class Block(nn.Module):
     norm = functools.partial(BatchNorm, dtype=self.dtype)
     bn = lambda name: (lambda y: norm(name=name)(y, train=train))
     conv = lambda f, k, s, name: _conv(f, k, s, self.dtype, name)
-    # Every ReLU output is the input of a convolution whose kernel gradient reads it transposed;
-    # in training it is written once rather than recomputed there (fast_grads: materialised).
-    materialize = fast_grads.materialize_for_backend() if train else (lambda a, _: a)
-    # The conditionals' predicate reads one entry of conv1's kernel (created before any ReLU):
-    # a parameter is replicated, so no device waits for another's data to decide it.
-    anchor = lambda: self.variables['params']['conv1']['kernel'].reshape(-1)[0]
-    relu = lambda y: materialize(nn.relu(y), anchor())
+    relu = nn.relu
+    if train:
+      # Every ReLU output is the input of a convolution whose kernel gradient reads it
+      # transposed; it is written once rather than recomputed there (fast_grads: materialised).
+      # The conditionals' predicate reads one entry of conv1's kernel (created before any ReLU):
+      # a parameter is replicated, so no device waits for another's data to decide it.
+      materialize = fast_grads.materialize_for_backend()
+      anchor = lambda: self.variables['params']['conv1']['kernel'].reshape(-1)[0]
+      relu = lambda y: materialize(nn.relu(y), anchor())
     residual = x
     if self.kind == 'basic':
       y = conv(self.features, 3, self.stride, 'conv1')(x)
