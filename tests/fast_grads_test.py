@@ -4,6 +4,7 @@ ops compute, values and gradients."""
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -86,16 +87,113 @@ def test_other_convolutions_fall_back_to_lax():
 
 def test_backend_choice_and_override(monkeypatch):
   monkeypatch.delenv('DMUE_CONV_KERNEL_GRAD', raising=False)
-  # XLA's own gradients by default, CPU included (with the Eigen kernels compiler.options picks).
-  for backend in ('cpu', 'gpu', 'tpu'):
+  # The valid-tap rewrite where it was measured faster on CPU; XLA's own elsewhere.
+  assert conv.conv_for_backend('cpu') is conv.conv_auto
+  for backend in ('gpu', 'tpu'):
     assert conv.conv_for_backend(backend) is jax.lax.conv_general_dilated
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'taps')
   assert conv.conv_for_backend('tpu') is conv.conv_general_dilated
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'strided')
   assert conv.conv_for_backend('cpu') is conv.conv_strided_taps
+  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'xla')
+  assert conv.conv_for_backend('cpu') is jax.lax.conv_general_dilated
+  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'auto')
+  assert conv.conv_for_backend('gpu') is conv.conv_auto
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'fast')
-  with pytest.raises(ValueError, match='xla, taps, strided'):
+  with pytest.raises(ValueError, match='xla, taps, strided, auto'):
     conv.conv_for_backend('cpu')
+
+
+# ------------------------------------------------------------------ valid taps
+def valid_tap_conv(x, w, strides, padding):
+  return conv.conv_valid_taps(x, w, strides, padding)
+
+
+@pytest.mark.parametrize('kernel,stride,padding,size', [
+    (3, 1, ((1, 1), (1, 1)), 4),       # layer4 at 112 px: 100 of 144 (output, tap) pairs
+    (3, 2, ((1, 1), (1, 1)), 7),       # layer4's first conv: odd size, stride 2
+    (1, 2, ((0, 0), (0, 0)), 7),       # its downsample
+    (3, 1, ((1, 1), (1, 1)), 1),       # a 1x1 map: only the centre tap reads input
+    (3, 1, ((2, 2), (2, 2)), 1),       # a tap that reads padding only (no output at all)
+    (7, 2, ((3, 3), (3, 3)), 9),       # the stem on a small map
+    (3, 2, ((0, 2), (1, 0)), 6),       # asymmetric padding
+])
+def test_valid_taps_value_and_gradients_equal_lax(kernel, stride, padding, size):
+  x, w = random_case((3, size, size, 4), (kernel, kernel, 4, 5), seed=size)
+  strides = (stride, stride)
+  want = lax_conv(x, w, strides, padding)
+  got = jax.jit(valid_tap_conv, static_argnums=(2, 3))(x, w, strides, padding)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  cot = jnp.asarray(np.random.default_rng(1).normal(size=want.shape), jnp.float32)
+  loss = lambda f: (lambda x, w: jnp.sum(f(x, w, strides, padding) * cot))
+  want_dx, want_dw = jax.grad(loss(lax_conv), argnums=(0, 1))(x, w)
+  got_dx, got_dw = jax.jit(jax.grad(loss(valid_tap_conv), argnums=(0, 1)))(x, w)
+  np.testing.assert_allclose(got_dx, want_dx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_dw, want_dw, rtol=1e-5, atol=1e-5)
+
+
+def test_valid_taps_skip_the_padding():
+  """On a 4x4 map a 3x3 convolution multiplies 100 (output, tap) pairs, not 144: the dots
+  of the compiled program hold 100/144 of the convolution's multiply-adds."""
+  x, w = random_case((2, 4, 4, 8), (3, 3, 8, 16))
+  pad = ((1, 1), (1, 1))
+  hlo = jax.jit(valid_tap_conv, static_argnums=(2, 3)).lower(x, w, (1, 1), pad).as_text()
+  assert 'convolution' not in hlo
+  rows = sorted(int(m) for m in re.findall(r'dot_general[^\n]*-> tensor<(\d+)x16xf32>', hlo))
+  # Per sample: the centre tap reads 16 outputs, the four edge taps 12, the four corners 9.
+  assert rows == sorted([2 * 16] + [2 * 12] * 4 + [2 * 9] * 4)
+  assert sum(rows) == 2 * 100
+
+
+@pytest.mark.parametrize('x_shape,w_shape,stride,pad,wins', [
+    ((70, 112, 112, 3), (7, 7, 3, 64), 2, 3, False),     # stem
+    ((70, 28, 28, 64), (3, 3, 64, 64), 1, 1, False),     # layer1
+    ((70, 28, 28, 64), (3, 3, 64, 128), 2, 1, False),    # layer2's first: even, left to XLA
+    ((70, 28, 28, 64), (1, 1, 64, 128), 2, 0, True),     # its downsample
+    ((70, 14, 14, 128), (3, 3, 128, 128), 1, 1, False),
+    ((70, 14, 14, 128), (3, 3, 128, 256), 2, 1, True),
+    ((70, 7, 7, 256), (3, 3, 256, 256), 1, 1, False),    # 82 % of pairs read input
+    ((60, 7, 7, 256), (3, 3, 256, 512), 2, 1, True),
+    ((60, 4, 4, 512), (3, 3, 512, 512), 1, 1, True),     # 69 %
+])
+def test_valid_taps_rule_on_resnet18_at_112px(x_shape, w_shape, stride, pad, wins):
+  assert conv.valid_taps_win(x_shape, w_shape, (stride, stride), ((pad, pad), (pad, pad))) is wins
+
+
+def test_conv_auto_routes_by_shape_and_falls_back(monkeypatch):
+  calls = []
+  original = conv.conv_valid_taps
+  monkeypatch.setattr(conv, 'conv_valid_taps',
+                      lambda *a, **k: calls.append(a[1].shape) or original(*a, **k))
+  pad = ((1, 1), (1, 1))
+  small, w = random_case((2, 4, 4, 8), (3, 3, 8, 8))
+  large, _ = random_case((2, 16, 16, 8), (3, 3, 8, 8))
+  for x in (small, large):
+    np.testing.assert_allclose(conv.conv_auto(x, w, (1, 1), pad, dimension_numbers=NHWC),
+                               lax_conv(x, w, (1, 1), pad), rtol=1e-5, atol=1e-5)
+  assert calls == [(3, 3, 8, 8)]  # the 4x4 map only
+  got = conv.conv_auto(small, w, (1, 1), 'SAME', dimension_numbers=NHWC)  # string padding: lax
+  np.testing.assert_array_equal(got, jax.lax.conv_general_dilated(
+      small, w, (1, 1), 'SAME', dimension_numbers=NHWC))
+  assert len(calls) == 1
+
+
+def test_valid_taps_under_vmap_like_stacked_branches():
+  """Branch mode 'vmap' batches both the input and the kernel: the tap matmuls become batched
+  matmuls, not XLA:CPU's slow grouped convolutions."""
+  rng = np.random.default_rng(2)
+  xs = jnp.asarray(rng.normal(size=(2, 3, 4, 4, 8)), jnp.float32)
+  ws = jnp.asarray(rng.normal(size=(2, 3, 3, 8, 8)), jnp.float32)
+  pad = ((1, 1), (1, 1))
+  f = lambda conv_fn: jax.vmap(jax.grad(
+      lambda x, w: jnp.sum(jnp.sin(conv_fn(x, w, (1, 1), pad, dimension_numbers=NHWC))),
+      argnums=(0, 1)))
+  got = jax.jit(f(conv.conv_auto))(xs, ws)
+  want = f(jax.lax.conv_general_dilated)(xs, ws)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  assert 'convolution' not in jax.jit(f(conv.conv_auto)).lower(xs, ws).as_text()
 
 
 def test_flax_conv_in_a_resnet_block_matches_lax(monkeypatch):
@@ -179,7 +277,8 @@ def test_max_pool_3x3_gives_a_tied_window_to_its_first_maximum():
 def test_whole_dmue_loss_gradient_matches_lax(monkeypatch):
   """Every parameter's gradient of the full DMUE loss (trunk, 7 auxiliary and the target
   branches, every loss term) agrees with XLA's own convolution gradients and autodiff BatchNorm,
-  with the tap kernel gradients and with the matmul BatchNorm."""
+  with the tap kernel gradients, with the valid-tap convolutions (the tiny config's small maps
+  take them almost everywhere) and with the matmul BatchNorm."""
   from configs import default  # pylint: disable=g-import-not-at-top
   from dmue_jax import train  # pylint: disable=g-import-not-at-top
   config = default.get_config('tiny')
@@ -200,7 +299,7 @@ def test_whole_dmue_loss_gradient_matches_lax(monkeypatch):
     return jax.jit(jax.grad(loss))(variables['params'])
 
   xla = grads('xla', 'xla')
-  for variant in (grads('taps', 'xla'), grads('xla', 'matmul')):
+  for variant in (grads('taps', 'xla'), grads('auto', 'xla'), grads('xla', 'matmul')):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(variant), jax.tree.leaves(xla)):
       a, b = np.asarray(a), np.asarray(b)
       rel = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)

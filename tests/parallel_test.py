@@ -34,12 +34,17 @@ def assert_same_training(a, b):
   worker's large Adam eps keeps that rounding from being amplified to +-lr for near-zero
   gradients. atol 2e-6 covers entries that are themselves near zero (measured on 2 CPU
   cores: largest parameter difference 9.6e-7, largest relative loss difference 1.1e-6).
+  The neck's running variance is the one statistic that moves more: a variance amplifies the
+  relative rounding of the features it is taken over, and it was the closest entry to rtol
+  1e-5 with XLA's convolutions (0.88 of the tolerance) and past it with the valid-tap ones
+  (1.39e-5 relative, one of 128 entries; 2026-12-04), so running variances get rtol 3e-5.
   """
   np.testing.assert_allclose(a['losses'], b['losses'], rtol=1e-5, atol=1e-6)
   params = [k for k in a.files if k.startswith("['params']")]
   assert params
   for k in params + [k for k in a.files if k.startswith("['batch_stats']")]:
-    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=2e-6, err_msg=k)
+    rtol = 3e-5 if k.startswith("['batch_stats']") and k.endswith("['var']") else 1e-5
+    np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=2e-6, err_msg=k)
 
 
 @pytest.fixture(scope='module')
