@@ -13,9 +13,9 @@ gradient had caught up for stride-1 convolutions with YNNPACK's kernels (layer1 
 168 ms with taps), and the taps still won for strided ones. With XLA's Eigen kernels, which
 `compiler.options()` now selects on CPU, XLA's gradient wins almost everywhere (forward +
 gradients, ms, XLA vs taps: stem 39 vs 154; layer2 3x3/2 38 vs 62; layer3 3x3/2 29 vs 29;
-only the 1x1/2 downsamples, 5-12 ms, are a few ms faster with taps). So `conv_for_backend`
-now gives lax's convolution on every backend; the tap paths stay for comparison
-(DMUE_CONV_KERNEL_GRAD=taps|strided), and they were the better choice with YNNPACK.
+only the 1x1/2 downsamples, 5-12 ms, are a few ms faster with taps). So the tap kernel
+gradients are no longer the default; they stay for comparison (DMUE_CONV_KERNEL_GRAD=taps|
+strided), and they were the better choice with YNNPACK. The valid taps below are.
 
 Valid taps (2026-12-04). A 3x3 convolution with padding 1 on layer4's 4x4 map (112 px input)
 multiplies zero padding in 44 of its 144 (output, tap) pairs. `conv_valid_taps` computes the
