@@ -133,6 +133,21 @@ def test_valid_taps_value_and_gradients_equal_lax(kernel, stride, padding, size)
   np.testing.assert_allclose(got_dw, want_dw, rtol=1e-5, atol=1e-5)
 
 
+def test_valid_taps_accumulate_bfloat16_in_float32():
+  """bfloat16 in, bfloat16 out, but the nine tap products are summed in float32 and rounded
+  once, as XLA's convolution does: the result is within one bfloat16 rounding of it."""
+  x, w = random_case((4, 4, 4, 128), (3, 3, 128, 64), seed=5)
+  x, w = x.astype(jnp.bfloat16), (w * 0.05).astype(jnp.bfloat16)
+  pad = ((1, 1), (1, 1))
+  got = jax.jit(valid_tap_conv, static_argnums=(2, 3))(x, w, (1, 1), pad)
+  exact = lax_conv(x.astype(jnp.float32), w.astype(jnp.float32), (1, 1), pad)
+  assert got.dtype == jnp.bfloat16
+  # bfloat16 keeps 8 significant bits: one rounding is at most 2^-8 relative.
+  np.testing.assert_allclose(got.astype(jnp.float32), exact, rtol=2.0 ** -8, atol=1e-6)
+  dw = jax.grad(lambda w: jnp.sum(valid_tap_conv(x, w, (1, 1), pad).astype(jnp.float32)))(w)
+  assert dw.dtype == jnp.bfloat16
+
+
 def test_valid_taps_skip_the_padding():
   """On a 4x4 map a 3x3 convolution multiplies 100 (output, tap) pairs, not 144: the dots
   of the compiled program hold 100/144 of the convolution's multiply-adds."""
