@@ -15,7 +15,8 @@ gradient had caught up for stride-1 convolutions with YNNPACK's kernels (layer1 
 gradients, ms, XLA vs taps: stem 39 vs 154; layer2 3x3/2 38 vs 62; layer3 3x3/2 29 vs 29;
 only the 1x1/2 downsamples, 5-12 ms, are a few ms faster with taps). So the tap kernel
 gradients are no longer the default; they stay for comparison (DMUE_CONV_KERNEL_GRAD=taps|
-strided), and they were the better choice with YNNPACK. The valid taps below are.
+strided), and they were the better choice with YNNPACK. What `conv_for_backend` uses on CPU
+today is the valid-tap convolution below.
 
 Valid taps (2026-12-04). A 3x3 convolution with padding 1 on layer4's 4x4 map (112 px input)
 multiplies zero padding in 44 of its 144 (output, tap) pairs. `conv_valid_taps` computes the
@@ -202,20 +203,24 @@ def conv_valid_taps(x: jax.Array, w: jax.Array, strides: Sequence[int],
                     padding: Sequence[tuple[int, int]], precision=None) -> jax.Array:
   """An NHWC/HWIO convolution as one matmul per kernel tap over the input it really reads.
 
-  y[n, h, w] = sum over taps (i, j) of x[n, s*h+i-pt, s*w+j-pl] @ W[i, j], where a tap's
+  y[n, h, w] = sum over taps (i, j) of x[n, sh*h+i-pt, sw*w+j-pl] @ W[i, j], where a tap's
   matmul covers only the outputs whose input entry lies inside x, not in the zero padding
   (`_tap_output_ranges`). On a 4x4 map with a 3x3 kernel and padding 1, 100 of the 144
   (output, tap) pairs read real input, so this does 31 % fewer FLOPs than a convolution that
   multiplies the padding; a strided convolution reads only the rows and columns it keeps. The
-  gradients are autodiff's: per tap, two matmuls and a slice's transpose (a pad).
+  gradients are autodiff's: per tap, two matmuls and a slice's transpose (a pad). Tap products
+  are summed in float32 (or wider) and rounded once, in the forward pass and in the input
+  gradient, as a convolution accumulates.
 
   Args:
     x: [N, H, W, Ci].
-    w: [kh, kw, Ci, Co].
+    w: [kh, kw, Ci, Co]. Mixed dtypes promote as in `jnp.dot`.
     strides: (sh, sw).
     padding: ((top, bottom), (left, right)).
+    precision: passed to every tap's `jnp.dot`.
   Returns:
-    [N, Ho, Wo, Co], as `lax.conv_general_dilated` with the same arguments.
+    [N, Ho, Wo, Co] in the promoted dtype, as `lax.conv_general_dilated` with the same
+    arguments.
   """
   n, h, wd, ci = x.shape
   kh, kw, _, co = w.shape
@@ -229,13 +234,17 @@ def conv_valid_taps(x: jax.Array, w: jax.Array, strides: Sequence[int],
   # (bfloat16 partials rounded per tap drifted by 1 % of the output's range).
   accumulate = jnp.promote_types(dtype, jnp.float32)
   y = jnp.zeros((n, ho, wo, co), accumulate)
+  # Each tap's slice of x gets its own gradient, which autodiff pads back and sums over the
+  # taps in the slice's dtype. Slicing a float32 copy (cast down per tap) makes that sum
+  # float32, rounded once at x; in float32 both casts are no-ops.
+  source = x.astype(accumulate)
   for i, j in ((i, j) for i in range(kh) for j in range(kw)):
     if rows[i] is None or cols[j] is None:
       continue  # this tap reads padding only
     (a0, a1), (b0, b1) = rows[i], cols[j]
     r0, c0 = sh * a0 - pt + i, sw * b0 - pl + j
-    view = x[:, r0:r0 + sh * (a1 - a0 - 1) + 1:sh, c0:c0 + sw * (b1 - b0 - 1) + 1:sw, :]
-    part = jnp.dot(view.reshape(-1, ci), w[i, j], precision=precision,
+    view = source[:, r0:r0 + sh * (a1 - a0 - 1) + 1:sh, c0:c0 + sw * (b1 - b0 - 1) + 1:sw, :]
+    part = jnp.dot(view.astype(x.dtype).reshape(-1, ci), w[i, j], precision=precision,
                    preferred_element_type=accumulate)
     part = part.reshape(n, a1 - a0, b1 - b0, co)
     y = y + jnp.pad(part, ((0, 0), (a0, ho - a1), (b0, wo - b1), (0, 0)))
@@ -256,6 +265,9 @@ def valid_taps_win(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequ
   75 % of the (output, tap) pairs read real input (3x3 on a 4x4 map: 69 %; on 7x7: 82 %)."""
   _, h, wd, ci = x_shape
   kh, kw = w_shape[:2]
+  if min(_output_size(h, kh, strides[0], padding[0]),
+         _output_size(wd, kw, strides[1], padding[1])) <= 0:
+    return False  # an empty output: lax's convolution handles (or rejects) it
   if any(s > 1 for s in strides) and (kh * kw == 1 or ci >= 128):
     return True
   fraction = (_valid_fraction(h, kh, strides[0], padding[0])
