@@ -1,9 +1,14 @@
-"""compiler.options / compiler.jit: Eigen kernels on CPU unless the user's XLA_FLAGS decide."""
+"""compiler.options / compiler.jit: on CPU, Eigen convolutions and YNNPACK matrix products unless
+the user's XLA_FLAGS decide."""
+
+import re
 
 import jax
 import jax.numpy as jnp
 
 from dmue_jax import compiler
+
+_YNN = '"kind":"__ynn_fusion"'  # how a YNNPACK fusion shows in the compiled program
 
 
 def _conv(x, w):
@@ -17,14 +22,26 @@ def _compiled_text(jitted) -> str:
   return jitted.lower(x, w).compile().as_text()
 
 
-def test_cpu_jits_use_eigen_kernels(monkeypatch):
+def test_cpu_jits_use_eigen_convolutions_and_ynnpack_products(monkeypatch):
   monkeypatch.delenv('XLA_FLAGS', raising=False)
-  assert compiler.options('cpu') == {compiler.YNN_OPTION: ''}
+  assert compiler.options('cpu') == {compiler.YNN_OPTION: compiler.YNN_DOTS}
   assert compiler.options('gpu') is None
   text = _compiled_text(compiler.jit(_conv))
-  assert 'convolution(' in text and 'ynn' not in text.lower()
+  assert 'convolution(' in text and _YNN not in text
   # What the option turns off: jaxlib 0.10 fuses the same convolution into YNNPACK by default.
-  assert 'ynn' in _compiled_text(jax.jit(_conv)).lower()
+  assert _YNN in _compiled_text(jax.jit(_conv))
+  # Matrix products go to YNNPACK, alone: the tanh after one is XLA's own loop fusion.
+  a = jnp.ones((64, 64))
+  text = compiler.jit(lambda a, b: jnp.tanh(a @ b)).lower(a, a).compile().as_text()
+  assert text.count(_YNN) == 1 and re.search(r'fusion\(%ynn_fusion[^)]*\), kind=kLoop', text)
+
+
+def test_unknown_value_falls_back_to_eigen_everywhere(monkeypatch):
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  monkeypatch.setattr(compiler, '_option_known', lambda name, value: value != compiler.YNN_DOTS)
+  assert compiler.options('cpu') == {compiler.YNN_OPTION: ''}
+  monkeypatch.setattr(compiler, '_option_known', lambda name, value: False)
+  assert compiler.options('cpu') is None
 
 
 def test_xla_flags_naming_the_option_win(monkeypatch):
@@ -35,7 +52,7 @@ def test_xla_flags_naming_the_option_win(monkeypatch):
 
 def test_merged_extra_options_win(monkeypatch):
   monkeypatch.delenv('XLA_FLAGS', raising=False)
-  assert compiler.merged(None) == {compiler.YNN_OPTION: ''}
+  assert compiler.merged(None) == {compiler.YNN_OPTION: compiler.YNN_DOTS}
   assert compiler.merged({compiler.YNN_OPTION: 'x', 'b': 0}) == {compiler.YNN_OPTION: 'x', 'b': 0}
 
 

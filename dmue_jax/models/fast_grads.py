@@ -92,13 +92,18 @@ def _lax_conv(x, w, strides, padding, precision):
                                   precision=precision)
 
 
+def _strided_window(x: jax.Array, r0: int, c0: int, rows: int, cols: int,
+                    strides: Sequence[int]) -> jax.Array:
+  """x[:, r0 + sh*a, c0 + sw*b, :] for a < rows, b < cols: [N, rows, cols, C]."""
+  sh, sw = strides
+  return x[:, r0:r0 + sh * (rows - 1) + 1:sh, c0:c0 + sw * (cols - 1) + 1:sw, :]
+
+
 def _tap_views(xp: jax.Array, kh: int, kw: int, strides: Sequence[int], ho: int,
                wo: int) -> list[jax.Array]:
   """The kh*kw [N, Ho, Wo, C] views of the padded input xp that a kernel's taps read, in
-  row-major tap order: view t = (i, j) holds xp[n, s*h+i, s*w+j, :]."""
-  sh, sw = strides
-  return [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
-          for i in range(kh) for j in range(kw)]
+  row-major tap order: view t = (i, j) holds xp[n, sh*h+i, sw*w+j, :]."""
+  return [_strided_window(xp, i, j, ho, wo, strides) for i in range(kh) for j in range(kw)]
 
 
 def kernel_grad_taps(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
@@ -243,7 +248,7 @@ def conv_valid_taps(x: jax.Array, w: jax.Array, strides: Sequence[int],
       continue  # this tap reads padding only
     (a0, a1), (b0, b1) = rows[i], cols[j]
     r0, c0 = sh * a0 - pt + i, sw * b0 - pl + j
-    view = source[:, r0:r0 + sh * (a1 - a0 - 1) + 1:sh, c0:c0 + sw * (b1 - b0 - 1) + 1:sw, :]
+    view = _strided_window(source, r0, c0, a1 - a0, b1 - b0, strides)
     part = jnp.dot(view.astype(x.dtype).reshape(-1, ci), w[i, j], precision=precision,
                    preferred_element_type=accumulate)
     part = part.reshape(n, a1 - a0, b1 - b0, co)
