@@ -32,6 +32,14 @@ layer2's 3x3/2 on 64 channels 38.0-45.2 vs 39.4-52.7. `valid_taps_win` encodes t
 (interleaved, one process). For reference, PyTorch 2.13's oneDNN convolutions take 59 ms (16
 forward, 43 backward) for the layer4 3x3 in its DMUE step on this CPU.
 
+Re-measured on 2026-12-05, after matrix products moved to YNNPACK (compiler.py), with the
+forward output kept and a nonlinear cotangent (medians of seven, ms, XLA vs valid taps, two
+runs): layer3's 3x3/2 128->256 46.0-53.5 vs 54.6-59.3, now XLA's; layer4's 3x3/2 42.1-45.4 vs
+39.9-42.1 and 3x3 73.7-77.2 vs 64.8-71.0, and the 1x1/2 downsample 18.1-21.9 vs 8.4-10.5, still
+the taps'. Routing layer3's 3x3/2 to XLA, the DMUE step (interleaved, one process, medians of
+seven and nine): 3.107 -> 3.005 s and 3.176 -> 3.156 s. So strided convolutions take the taps
+from 256 input channels (was 128).
+
 `conv_general_dilated` has lax's signature so that it can be handed to `flax.linen.Conv`; it
 takes the tap path for ordinary NHWC/HWIO convolutions (no dilation, no groups, explicit padding)
 and is `lax.conv_general_dilated` otherwise; `conv_strided_taps` does so for strided ones only.
@@ -266,14 +274,14 @@ def _valid_fraction(size: int, k: int, stride: int, pad: tuple[int, int]) -> flo
 def valid_taps_win(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
                    padding: Sequence[tuple[int, int]]) -> bool:
   """Whether `conv_valid_taps` beat XLA:CPU's convolution on this shape (module docstring):
-  strided convolutions with a 1x1 kernel or at least 128 input channels, and those where at most
+  strided convolutions with a 1x1 kernel or at least 256 input channels, and those where at most
   75 % of the (output, tap) pairs read real input (3x3 on a 4x4 map: 69 %; on 7x7: 82 %)."""
   _, h, wd, ci = x_shape
   kh, kw = w_shape[:2]
   if min(_output_size(h, kh, strides[0], padding[0]),
          _output_size(wd, kw, strides[1], padding[1])) <= 0:
     return False  # an empty output: lax's convolution handles (or rejects) it
-  if any(s > 1 for s in strides) and (kh * kw == 1 or ci >= 128):
+  if any(s > 1 for s in strides) and (kh * kw == 1 or ci >= 256):
     return True
   fraction = (_valid_fraction(h, kh, strides[0], padding[0])
               * _valid_fraction(wd, kw, strides[1], padding[1]))
