@@ -11,8 +11,8 @@ conv on RGB), one matmul on the gathered patches [N*Ho*Wo, k*k*Ci] is faster sti
 Re-measured on 2026-12-03 (jax 0.10.2, same shapes, forward + both gradients), XLA's own
 gradient had caught up for stride-1 convolutions with YNNPACK's kernels (layer1 3x3: 141 vs
 168 ms with taps), and the taps still won for strided ones. With XLA's Eigen kernels, which
-`compiler.options()` now selects on CPU, XLA's gradient wins almost everywhere (forward +
-gradients, ms, XLA vs taps: stem 39 vs 154; layer2 3x3/2 38 vs 62; layer3 3x3/2 29 vs 29;
+`compiler.options()` selects for convolutions on CPU, XLA's gradient wins almost everywhere
+(forward + gradients, ms, XLA vs taps: stem 39 vs 154; layer2 3x3/2 38 vs 62; layer3 3x3/2 29 vs 29;
 only the 1x1/2 downsamples, 5-12 ms, are a few ms faster with taps). So the tap kernel
 gradients are no longer the default; they stay for comparison (DMUE_CONV_KERNEL_GRAD=taps|
 strided), and they were the better choice with YNNPACK. What `conv_for_backend` uses on CPU
