@@ -99,6 +99,8 @@ def test_backend_choice_and_override(monkeypatch):
   assert conv.conv_for_backend('cpu') is jax.lax.conv_general_dilated
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'auto')
   assert conv.conv_for_backend('gpu') is conv.conv_auto
+  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'valid')
+  assert conv.conv_for_backend('cpu') is conv.conv_auto_without_winograd
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'fast')
   with pytest.raises(ValueError, match='xla, taps, strided, auto'):
     conv.conv_for_backend('cpu')
@@ -233,6 +235,112 @@ def test_valid_taps_under_vmap_like_stacked_branches():
   assert 'convolution' not in jax.jit(f(conv.conv_auto)).lower(xs, ws).as_text()
 
 
+# ------------------------------------------------------------------ Winograd F(2x2, 3x3)
+def winograd_conv(x, w, strides, padding):
+  del strides  # stride 1 only
+  return conv.conv_winograd(x, w, padding)
+
+
+def exact_conv(x, w, padding):
+  """The convolution in float64 with numpy, as the reference both float32 ones round."""
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  (pt, pb), (pl, pr) = padding
+  xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  ho, wo = xp.shape[1] - 2, xp.shape[2] - 2
+  return sum(xp[:, i:i + ho, j:j + wo] @ w[i, j] for i in range(3) for j in range(3))
+
+
+@pytest.mark.parametrize('padding,size', [
+    (((1, 1), (1, 1)), (4, 4)),      # layer4 at 112 px: 2x2 tiles
+    (((1, 1), (1, 1)), (7, 7)),      # layer3: an odd map, the last tile half cropped
+    (((1, 1), (1, 1)), (1, 1)),      # one tile reading mostly padding
+    (((0, 2), (1, 0)), (5, 6)),      # asymmetric padding, non-square map
+    (((3, 3), (0, 0)), (3, 3)),      # padding wider than the kernel reaches
+    (((0, 0), (0, 0)), (6, 6)),      # no padding
+])
+def test_winograd_value_and_gradients_equal_lax(padding, size):
+  x, w = random_case((3, *size, 6), (3, 3, 6, 5), seed=size[1])
+  want = lax_conv(x, w, (1, 1), padding)
+  got = jax.jit(winograd_conv, static_argnums=(2, 3))(x, w, (1, 1), padding)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  cot = jnp.asarray(np.random.default_rng(1).normal(size=want.shape), jnp.float32)
+  loss = lambda f: (lambda x, w: jnp.sum(f(x, w, (1, 1), padding) * cot))
+  want_dx, want_dw = jax.grad(loss(lax_conv), argnums=(0, 1))(x, w)
+  got_dx, got_dw = jax.jit(jax.grad(loss(winograd_conv), argnums=(0, 1)))(x, w)
+  np.testing.assert_allclose(got_dx, want_dx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_dw, want_dw, rtol=1e-5, atol=1e-5)
+
+
+def test_winograd_rounds_no_worse_than_xla():
+  """On layer4's shape, Winograd's float32 error against the exact (float64) convolution is
+  within 1.5x XLA's own float32 convolution's (the transforms' entries are exact in binary)."""
+  x, w = random_case((6, 4, 4, 512), (3, 3, 512, 512), seed=3)
+  w = w * 0.05
+  pad = ((1, 1), (1, 1))
+  exact = exact_conv(x, w, pad)
+  error = lambda y: np.abs(np.asarray(y, np.float64) - exact).max() / np.abs(exact).max()
+  ours = error(jax.jit(winograd_conv, static_argnums=(2, 3))(x, w, (1, 1), pad))
+  xla = error(lax_conv(x, w, (1, 1), pad))
+  assert ours < 1.5 * xla, (ours, xla)
+
+
+def test_winograd_multiplies_16_products_per_tile():
+  """A 4x4 map is 2x2 tiles; each tile's 16 transformed products are one batched matmul of
+  [16, N*4, Ci] @ [16, Ci, Co]: 16*4 = 64 multiply-adds per (sample, Ci, Co), where direct
+  convolution needs 144 (100 without the padding)."""
+  x, w = random_case((2, 4, 4, 8), (3, 3, 8, 16))
+  hlo = jax.jit(winograd_conv, static_argnums=(2, 3)).lower(x, w, (1, 1), ((1, 1),) * 2).as_text()
+  assert 'convolution' not in hlo
+  dots = re.findall(r'dot_general[^\n]*-> tensor<([0-9x]+)xf32>', hlo)
+  assert dots == ['16x8x16'], dots
+
+
+@pytest.mark.parametrize('x_shape,w_shape,stride,dtype,wins', [
+    ((70, 28, 28, 64), (3, 3, 64, 64), 1, jnp.float32, False),       # layer1: XLA's
+    ((70, 14, 14, 128), (3, 3, 128, 128), 1, jnp.float32, True),     # layer2
+    ((70, 7, 7, 256), (3, 3, 256, 256), 1, jnp.float32, True),       # layer3
+    ((60, 4, 4, 512), (3, 3, 512, 512), 1, jnp.float32, True),       # layer4
+    ((60, 4, 4, 512), (3, 3, 512, 512), 1, jnp.bfloat16, False),     # bfloat16: valid taps
+    ((60, 7, 7, 256), (3, 3, 256, 512), 2, jnp.float32, False),      # strided
+    ((70, 14, 14, 128), (1, 1, 128, 256), 1, jnp.float32, False),    # 1x1
+    ((56, 2, 2, 128), (3, 3, 128, 128), 1, jnp.float32, False),      # 2x2: 16 vs 16 products
+    ((56, 1, 1, 512), (3, 3, 512, 512), 1, jnp.float32, False),      # 1x1 map: 16 vs 1
+])
+def test_winograd_rule_on_resnet18_at_112px(x_shape, w_shape, stride, dtype, wins):
+  pads = ((1, 1), (1, 1))
+  assert conv.winograd_wins(x_shape, w_shape, (stride, stride), pads, dtype) is wins
+
+
+def test_conv_auto_takes_winograd_before_valid_taps(monkeypatch):
+  """A float32 stride-1 3x3 convolution with 128 input channels on a 4x4 map is Winograd's,
+  the same in bfloat16 takes the valid taps, and the result matches lax's either way; under
+  vmap (branch mode 'vmap') too."""
+  calls = []
+  for name in ('conv_valid_taps', 'conv_winograd'):
+    original = getattr(conv, name)
+    monkeypatch.setattr(conv, name, lambda *a, name=name, original=original, **kw:
+                        calls.append(name) or original(*a, **kw))
+  pad = ((1, 1), (1, 1))
+  x, w = random_case((2, 4, 4, 128), (3, 3, 128, 8))
+  w = w * 0.05
+  got = conv.conv_auto(x, w, (1, 1), pad, dimension_numbers=NHWC)
+  np.testing.assert_allclose(got, lax_conv(x, w, (1, 1), pad), rtol=1e-5, atol=1e-5)
+  assert calls == ['conv_winograd']
+  half = conv.conv_auto(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1), pad,
+                        dimension_numbers=NHWC)
+  assert half.dtype == jnp.bfloat16 and calls == ['conv_winograd', 'conv_valid_taps']
+  conv.conv_auto_without_winograd(x, w, (1, 1), pad, dimension_numbers=NHWC)
+  assert calls == ['conv_winograd', 'conv_valid_taps', 'conv_valid_taps']
+  xs = jnp.stack([x, x[::-1]])
+  ws = jnp.stack([w, -w])
+  f = lambda conv_fn: jax.vmap(jax.grad(
+      lambda x, w: jnp.sum(jnp.sin(conv_fn(x, w, (1, 1), pad, dimension_numbers=NHWC))),
+      argnums=(0, 1)))
+  for a, b in zip(jax.jit(f(conv.conv_auto))(xs, ws), f(jax.lax.conv_general_dilated)(xs, ws)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_flax_conv_in_a_resnet_block_matches_lax(monkeypatch):
   """Through flax's nn.Conv (its own dimension numbers and padding form) in a real block."""
   x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 8, 8, 8)), jnp.float32)
@@ -315,7 +423,7 @@ def test_whole_dmue_loss_gradient_matches_lax(monkeypatch):
   """Every parameter's gradient of the full DMUE loss (trunk, 7 auxiliary and the target
   branches, every loss term) agrees with XLA's own convolution gradients and autodiff BatchNorm,
   with the tap kernel gradients, with the valid-tap convolutions (the tiny config's small maps
-  take them almost everywhere) and with the matmul BatchNorm."""
+  take them almost everywhere), with Winograd's convolutions and with the matmul BatchNorm."""
   from configs import default  # pylint: disable=g-import-not-at-top
   from dmue_jax import train  # pylint: disable=g-import-not-at-top
   config = default.get_config('tiny')
@@ -336,15 +444,23 @@ def test_whole_dmue_loss_gradient_matches_lax(monkeypatch):
     return jax.jit(jax.grad(loss))(variables['params'])
 
   xla = grads('xla', 'xla')
-  valid_taps = []
-  original = conv.conv_valid_taps
-  monkeypatch.setattr(conv, 'conv_valid_taps',
-                      lambda *a, **kw: valid_taps.append(a[1].shape) or original(*a, **kw))
+  valid_taps, winograd = [], []
+  for name, calls in (('conv_valid_taps', valid_taps), ('conv_winograd', winograd)):
+    original = getattr(conv, name)
+    monkeypatch.setattr(conv, name, lambda *a, calls=calls, original=original, **kw:
+                        calls.append(a[1].shape) or original(*a, **kw))
   auto = grads('auto', 'xla')
-  # The tiny config's 2x2 layer4 map: 3x3 convolutions there read 4 of 9 pairs, so 'auto'
-  # takes the valid taps in every branch.
+  # The tiny config's layer4 (128 channels on a 2x2 map) takes the valid taps in every
+  # branch. Winograd, which gains nothing on a 2x2 map, is forced here onto every stride-1
+  # 3x3 convolution from 64 input channels (layer3 and layer4).
   assert len(valid_taps) >= 8 and (3, 3, 128, 128) in valid_taps, valid_taps
-  for variant in (grads('taps', 'xla'), auto, grads('xla', 'matmul')):
+  assert not winograd
+  monkeypatch.setattr(conv, 'winograd_wins', lambda x_shape, w_shape, strides, padding, dtype:
+                      tuple(w_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
+                      and x_shape[-1] >= 64)
+  winograd_auto = grads('auto', 'xla')
+  assert len(winograd) >= 8 * 3 and (3, 3, 128, 128) in winograd, winograd
+  for variant in (grads('taps', 'xla'), auto, winograd_auto, grads('xla', 'matmul')):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(variant), jax.tree.leaves(xla)):
       a, b = np.asarray(a), np.asarray(b)
       rel = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)

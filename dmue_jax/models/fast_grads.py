@@ -16,7 +16,7 @@ gradient had caught up for stride-1 convolutions with YNNPACK's kernels (layer1 
 only the 1x1/2 downsamples, 5-12 ms, are a few ms faster with taps). So the tap kernel
 gradients are no longer the default; they stay for comparison (DMUE_CONV_KERNEL_GRAD=taps|
 strided), and they were the better choice with YNNPACK. What `conv_for_backend` uses on CPU
-today is the valid-tap convolution below.
+today is Winograd's and the valid-tap convolution below, each where it wins.
 
 Valid taps (2026-12-04). A 3x3 convolution with padding 1 on layer4's 4x4 map (112 px input)
 multiplies zero padding in 44 of its 144 (output, tap) pairs. `conv_valid_taps` computes the
@@ -39,6 +39,24 @@ runs): layer3's 3x3/2 128->256 46.0-53.5 vs 54.6-59.3, now XLA's; layer4's 3x3/2
 the taps'. Routing layer3's 3x3/2 to XLA, the DMUE step (interleaved, one process, medians of
 seven and nine): 3.107 -> 3.005 s and 3.176 -> 3.156 s. So strided convolutions take the taps
 from 256 input channels (was 128).
+
+Winograd (2026-12-05). `conv_winograd` computes a stride-1 3x3 convolution by F(2x2, 3x3): 16
+products per 2x2 output tile where direct convolution has 36, as one batched matmul of
+[16, N*tiles, Ci] @ [16, Ci, Co] between three linear transforms, each with its transpose as a
+custom gradient (one pass each; autodiff of their slices padded and added term by term and
+made the first version slower than the valid taps). On layer4's 4x4 map that is 64 products
+per (sample, Ci, Co) against the valid taps' 100. Forward and both gradients at batch 70,
+medians of seven interleaved rounds, ms, XLA / valid taps or XLA (`conv_auto` before) /
+Winograd: layer4 3x3 512->512 on 4x4 96.9 / 84.1 / 50.3; layer3 3x3 256 on 7x7 68.1 / 67.4 /
+64.1; layer2 3x3 128 on 14x14 82.8 / 79.8 / 72.4; layer1 3x3 64 on 28x28 119.5 / 121.5 / 127.5
+(its 64-channel matmuls are too thin). The DMUE step (interleaved, one process, Winograd from
+WINOGRAD_MIN_CHANNELS input channels): medians of seven, none 3.230 s, 512 2.857 s, 128 2.883
+s, 64 2.964 s; medians of nine, 512 2.720 s, 256 2.735 s, 128 2.698 s. So Winograd is the
+CPU choice for float32 stride-1 3x3 convolutions from 128 input channels where it multiplies
+at most 3/4 of what the valid taps do (not on 2x2 maps, where both need 16 products per
+output tile). Its float32 error on layer4's shape, max over outputs relative to the largest
+exact (float64) output: 6.5e-7, against 5.1e-7 for XLA's convolution and 5.0e-7 for the valid
+taps. bfloat16 keeps the valid taps and XLA.
 
 `conv_general_dilated` has lax's signature so that it can be handed to `flax.linen.Conv`; it
 takes the tap path for ordinary NHWC/HWIO convolutions (no dilation, no groups, explicit padding)
@@ -93,6 +111,9 @@ import jax.numpy as jnp
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Up to this many patch columns (k*k*Ci) one matmul on gathered patches beats k*k tap matmuls.
 _PATCH_MAX_COLUMNS = 256
+# Stride-1 3x3 float32 convolutions with at least this many input channels take Winograd's
+# F(2x2, 3x3) on CPU (module docstring).
+WINOGRAD_MIN_CHANNELS = 128
 
 
 def _lax_conv(x, w, strides, padding, precision):
@@ -288,6 +309,190 @@ def valid_taps_win(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequ
   return fraction <= 0.75
 
 
+# ------------------------------------------------------------- Winograd F(2x2, 3x3)
+# A stride-1 3x3 convolution computed on 4x4 input tiles that overlap by 2 (Lavin & Gray,
+# "Fast Algorithms for Convolutional Neural Networks", 2016): each tile's 2x2 outputs are
+# A^T [(G w G^T) * (B^T d B)] A, 16 products per (tile, Ci, Co) where direct convolution needs 36.
+# The 16 elementwise products over channels are 16 matmuls. The transforms' entries are 0, +-1
+# and +-1/2, exact in binary, so float32 results stay as close to the exact convolution as
+# XLA's own (tests). Each transform is linear and gets its transpose as a custom gradient, one
+# pass over its data, where autodiff of the slices and stacks would pad and add per term.
+
+
+def _winograd_tiles(size: int, pads: tuple[int, int]) -> tuple[int, int]:
+  """(output size, number of 2-wide output tiles) of a stride-1 3-tap axis."""
+  out = size + pads[0] + pads[1] - 2
+  return out, -(-out // 2)
+
+
+def _tile_rows(x: jax.Array, tiles: int, axis: int) -> list[jax.Array]:
+  """B^T along `axis` of a padded map 2*tiles+2 long: 4 arrays, `tiles` long on `axis`.
+
+  Tile t covers padded positions 2t..2t+3 = (d0, d1, d2, d3), and B^T maps them to
+  (d0 - d2, d1 + d2, d2 - d1, d1 - d3).
+  """
+  d = [lax.slice_in_dim(x, a, a + 2 * tiles - 1, 2, axis) for a in range(4)]
+  return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+
+
+def _tile_rows_transpose(v: Sequence[jax.Array], axis: int) -> jax.Array:
+  """The transpose of `_tile_rows`: 4 arrays `tiles` long on `axis` -> 2*tiles+2 positions.
+
+  Tile t's (v0, v1, v2, v3) go back to its positions 2t..2t+3 as (v0, v1 - v2 + v3,
+  v1 + v2 - v0, -v3) (B applied); even position 2t sums offset 0 of tile t and offset 2 of
+  tile t-1, odd position 2t+1 offsets 1 of tile t and 3 of tile t-1.
+  """
+  v0, v1, v2, v3 = v
+  offsets = (v0, v1 - v2 + v3, v1 + v2 - v0, -v3)
+  first = lambda a: jnp.concatenate([a, jnp.zeros_like(lax.slice_in_dim(a, 0, 1, axis=axis))],
+                                    axis)
+  later = lambda a: jnp.concatenate([jnp.zeros_like(lax.slice_in_dim(a, 0, 1, axis=axis)), a],
+                                    axis)
+  even = first(offsets[0]) + later(offsets[2])
+  odd = first(offsets[1]) + later(offsets[3])
+  both = jnp.stack([even, odd], axis=axis + 1)
+  shape = list(even.shape)
+  shape[axis] *= 2
+  return both.reshape(shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def winograd_input(x: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """B^T d B for every 4x4 input tile: [N, H, W, C] -> [4, 4, N, Th, Tw, C].
+
+  The input is padded by `padding` and then with zeros up to 2*T+2 rows and columns.
+  """
+  _, h, wd, _ = x.shape
+  (pt, pb), (pl, pr) = padding
+  _, th = _winograd_tiles(h, (pt, pb))
+  _, tw = _winograd_tiles(wd, (pl, pr))
+  xp = jnp.pad(x, ((0, 0), (pt, 2 * th + 2 - h - pt), (pl, 2 * tw + 2 - wd - pl), (0, 0)))
+  return jnp.stack([jnp.stack(_tile_rows(r, tw, 2)) for r in _tile_rows(xp, th, 1)])
+
+
+def _winograd_input_fwd(x, padding):
+  return winograd_input(x, padding), x.shape
+
+
+def _winograd_input_bwd(padding, shape, dv):
+  _, h, wd, _ = shape
+  (pt, _), (pl, _) = padding
+  rows = [_tile_rows_transpose(list(dv[a]), 2) for a in range(4)]   # 4 x [N, Th, Wp, C]
+  dxp = _tile_rows_transpose(rows, 1)                                 # [N, Hp, Wp, C]
+  return (dxp[:, pt:pt + h, pl:pl + wd, :],)
+
+
+winograd_input.defvjp(_winograd_input_fwd, _winograd_input_bwd)
+
+
+def _g_rows(w: jax.Array) -> jax.Array:
+  """G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]] along axis 0: 3 -> 4."""
+  return jnp.stack([w[0], 0.5 * (w[0] + w[1] + w[2]), 0.5 * (w[0] - w[1] + w[2]), w[2]])
+
+
+def _g_rows_transpose(u: jax.Array) -> jax.Array:
+  """G^T along axis 0: 4 -> 3."""
+  return jnp.stack([u[0] + 0.5 * (u[1] + u[2]), 0.5 * (u[1] - u[2]), 0.5 * (u[1] + u[2]) + u[3]])
+
+
+def _both_axes(f: Callable[[jax.Array], jax.Array], a: jax.Array) -> jax.Array:
+  """f along axis 0, then along axis 1."""
+  return jnp.swapaxes(f(jnp.swapaxes(f(a), 0, 1)), 0, 1)
+
+
+@jax.custom_vjp
+def winograd_kernel(w: jax.Array) -> jax.Array:
+  """G w G^T: [3, 3, Ci, Co] -> [4, 4, Ci, Co]."""
+  return _both_axes(_g_rows, w)
+
+
+def _winograd_kernel_fwd(w):
+  return winograd_kernel(w), None
+
+
+def _winograd_kernel_bwd(_, du):
+  return (_both_axes(_g_rows_transpose, du),)
+
+
+winograd_kernel.defvjp(_winograd_kernel_fwd, _winograd_kernel_bwd)
+
+
+def _a_rows(m: jax.Array) -> jax.Array:
+  """A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] along axis 0: 4 -> 2."""
+  return jnp.stack([m[0] + m[1] + m[2], m[1] - m[2] - m[3]])
+
+
+def _a_rows_transpose(y: jax.Array) -> jax.Array:
+  """A along axis 0: 2 -> 4."""
+  return jnp.stack([y[0], y[0] + y[1], y[0] - y[1], -y[1]])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def winograd_output(m: jax.Array, out_size: tuple[int, int]) -> jax.Array:
+  """A^T m A per tile, tiles laid out: [4, 4, N, Th, Tw, Co] -> [N, Ho, Wo, Co]."""
+  z = _both_axes(_a_rows, m)                                 # [2, 2, N, Th, Tw, Co]
+  _, _, n, th, tw, co = z.shape
+  y = z.transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * th, 2 * tw, co)
+  return y[:, :out_size[0], :out_size[1], :]
+
+
+def _winograd_output_fwd(m, out_size):
+  return winograd_output(m, out_size), m.shape
+
+
+def _winograd_output_bwd(out_size, shape, dy):
+  _, _, n, th, tw, co = shape
+  dy = jnp.pad(dy, ((0, 0), (0, 2 * th - out_size[0]), (0, 2 * tw - out_size[1]), (0, 0)))
+  dz = dy.reshape(n, th, 2, tw, 2, co).transpose(2, 4, 0, 1, 3, 5)   # [2, 2, N, Th, Tw, Co]
+  return (_both_axes(_a_rows_transpose, dz),)
+
+
+winograd_output.defvjp(_winograd_output_fwd, _winograd_output_bwd)
+
+
+def conv_winograd(x: jax.Array, w: jax.Array, padding: Sequence[tuple[int, int]],
+                  precision=None) -> jax.Array:
+  """A stride-1 3x3 NHWC/HWIO convolution by Winograd's F(2x2, 3x3) (see above).
+
+  Args:
+    x: [N, H, W, Ci].
+    w: [3, 3, Ci, Co].
+    padding: ((top, bottom), (left, right)), non-negative.
+    precision: passed to the 16 tile-element matmuls.
+  Returns:
+    [N, Ho, Wo, Co], as `lax.conv_general_dilated(x, w, (1, 1), padding)`.
+  """
+  n, h, wd, ci = x.shape
+  co = w.shape[-1]
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  ho, th = _winograd_tiles(h, pads[0])
+  wo, tw = _winograd_tiles(wd, pads[1])
+  v = winograd_input(x, pads).reshape(16, n * th * tw, ci)
+  u = winograd_kernel(w).reshape(16, ci, co)
+  m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)
+  return winograd_output(m.reshape(4, 4, n, th, tw, co), (ho, wo))
+
+
+def winograd_wins(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
+                  padding: Sequence[tuple[int, int]], dtype) -> bool:
+  """Whether `conv_winograd` is the CPU choice for this convolution (module docstring):
+  float32, stride 1, a 3x3 kernel, non-negative padding, a non-empty output, at least
+  WINOGRAD_MIN_CHANNELS input channels, and at most 3/4 of the products that the valid taps
+  multiply (16 per tile against the (output, tap) pairs that read real input: 64 against 100
+  on a 4x4 map, but 16 against 16 on a 2x2 map, where the tiles only add transforms)."""
+  _, h, wd, ci = x_shape
+  if tuple(w_shape[:2]) != (3, 3) or tuple(strides) != (1, 1):
+    return False
+  if jnp.dtype(dtype) != jnp.float32 or any(p < 0 for pair in padding for p in pair):
+    return False
+  (ho, th), (wo, tw) = _winograd_tiles(h, padding[0]), _winograd_tiles(wd, padding[1])
+  if min(ho, wo) <= 0 or ci < WINOGRAD_MIN_CHANNELS:
+    return False
+  direct = (_valid_fraction(h, 3, 1, padding[0]) * ho * 3
+            * _valid_fraction(wd, 3, 1, padding[1]) * wo * 3)
+  return 16 * th * tw <= 0.75 * direct
+
+
 def _plain_nhwc(lhs, dimension_numbers, padding, lhs_dilation, rhs_dilation,
                 feature_group_count, batch_group_count, preferred_element_type) -> bool:
   """Whether a `lax.conv_general_dilated` call is an ordinary NHWC/HWIO convolution with
@@ -301,12 +506,15 @@ def _plain_nhwc(lhs, dimension_numbers, padding, lhs_dilation, rhs_dilation,
 
 def conv_auto(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
               dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-              precision=None, preferred_element_type=None):
-  """`lax.conv_general_dilated`, or `conv_valid_taps` where `valid_taps_win`."""
+              precision=None, preferred_element_type=None, *, winograd=True):
+  """`lax.conv_general_dilated`, or `conv_winograd` where `winograd_wins` (and `winograd`),
+  or else `conv_valid_taps` where `valid_taps_win`."""
   if _plain_nhwc(lhs, dimension_numbers, padding, lhs_dilation, rhs_dilation,
                  feature_group_count, batch_group_count, preferred_element_type):
     strides = tuple(int(s) for s in window_strides)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if winograd and winograd_wins(lhs.shape, rhs.shape, strides, pads, jnp.result_type(lhs, rhs)):
+      return conv_winograd(lhs, rhs, pads, precision)
     if valid_taps_win(lhs.shape, rhs.shape, strides, pads):
       return conv_valid_taps(lhs, rhs, strides, pads, precision)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
@@ -314,16 +522,22 @@ def conv_auto(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
                                   batch_group_count, precision, preferred_element_type)
 
 
+def conv_auto_without_winograd(*args, **kwargs):
+  """`conv_auto` as it was before Winograd (DMUE_CONV_KERNEL_GRAD=valid, for comparison)."""
+  return conv_auto(*args, winograd=False, **kwargs)
+
+
 _CONVS = {'xla': lax.conv_general_dilated, 'taps': conv_general_dilated,
-          'strided': conv_strided_taps, 'auto': conv_auto}
+          'strided': conv_strided_taps, 'auto': conv_auto, 'valid': conv_auto_without_winograd}
 
 
 def conv_for_backend(backend: str | None = None) -> Callable[..., jax.Array]:
   """The convolution to give `nn.Conv` (module docstring): `conv_auto` on CPU, lax's
   elsewhere (a GPU's or TPU's convolution is not bound the same way; not measured there).
 
-  DMUE_CONV_KERNEL_GRAD=xla|auto|taps|strided overrides the choice (taps = the tap kernel
-  gradient for every plain convolution, strided = for the strided ones only).
+  DMUE_CONV_KERNEL_GRAD=xla|auto|valid|taps|strided overrides the choice (valid = `conv_auto`
+  without Winograd, taps = the tap kernel gradient for every plain convolution, strided = for
+  the strided ones only).
   """
   on_cpu = (backend or jax.default_backend()) == 'cpu'
   return _chosen('DMUE_CONV_KERNEL_GRAD', _CONVS, 'auto' if on_cpu else 'xla')
