@@ -102,7 +102,7 @@ def test_backend_choice_and_override(monkeypatch):
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'valid')
   assert conv.conv_for_backend('cpu') is conv.conv_auto_without_winograd
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'fast')
-  with pytest.raises(ValueError, match='xla, taps, strided, auto'):
+  with pytest.raises(ValueError, match='xla, taps, strided, auto, valid'):
     conv.conv_for_backend('cpu')
 
 
@@ -327,11 +327,14 @@ def test_conv_auto_takes_winograd_before_valid_taps(monkeypatch):
   got = conv.conv_auto(x, w, (1, 1), pad, dimension_numbers=NHWC)
   np.testing.assert_allclose(got, lax_conv(x, w, (1, 1), pad), rtol=1e-5, atol=1e-5)
   assert calls == ['conv_winograd']
-  half = conv.conv_auto(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1), pad,
-                        dimension_numbers=NHWC)
+  xh, wh = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  half = conv.conv_auto(xh, wh, (1, 1), pad, dimension_numbers=NHWC)
   assert half.dtype == jnp.bfloat16 and calls == ['conv_winograd', 'conv_valid_taps']
+  exact = lax_conv(xh.astype(jnp.float32), wh.astype(jnp.float32), (1, 1), pad)
+  np.testing.assert_allclose(half.astype(jnp.float32), exact, rtol=2.0 ** -8, atol=1e-2)
   conv.conv_auto_without_winograd(x, w, (1, 1), pad, dimension_numbers=NHWC)
   assert calls == ['conv_winograd', 'conv_valid_taps', 'conv_valid_taps']
+  del calls[:]
   xs = jnp.stack([x, x[::-1]])
   ws = jnp.stack([w, -w])
   f = lambda conv_fn: jax.vmap(jax.grad(
@@ -339,6 +342,20 @@ def test_conv_auto_takes_winograd_before_valid_taps(monkeypatch):
       argnums=(0, 1)))
   for a, b in zip(jax.jit(f(conv.conv_auto))(xs, ws), f(jax.lax.conv_general_dilated)(xs, ws)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  assert calls == ['conv_winograd']
+
+
+def test_winograd_transforms_mixed_operands_in_their_common_dtype():
+  """A float32 input with a bfloat16 kernel is a float32 convolution of the kernel's values:
+  the kernel is widened before its transform, whose sums would otherwise round in bfloat16
+  (2.9e-3 relative error measured that way, against 3e-7)."""
+  x, w = random_case((2, 4, 4, 128), (3, 3, 128, 8), seed=4)
+  w = (w * 0.05).astype(jnp.bfloat16)
+  pad = ((1, 1), (1, 1))
+  got = jax.jit(winograd_conv, static_argnums=(2, 3))(x, w, (1, 1), pad)
+  assert got.dtype == jnp.float32
+  want = lax_conv(x, w.astype(jnp.float32), (1, 1), pad)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_flax_conv_in_a_resnet_block_matches_lax(monkeypatch):
@@ -451,15 +468,17 @@ def test_whole_dmue_loss_gradient_matches_lax(monkeypatch):
                         calls.append(a[1].shape) or original(*a, **kw))
   auto = grads('auto', 'xla')
   # The tiny config's layer4 (128 channels on a 2x2 map) takes the valid taps in every
-  # branch. Winograd, which gains nothing on a 2x2 map, is forced here onto every stride-1
-  # 3x3 convolution from 64 input channels (layer3 and layer4).
+  # branch. Winograd, which gains nothing on such small maps, is forced here onto every
+  # stride-1 3x3 convolution from 32 input channels: layer2's 4x4 map (2x2 overlapping tiles),
+  # layer3's 2x2 and the branches' 1x1 maps.
   assert len(valid_taps) >= 8 and (3, 3, 128, 128) in valid_taps, valid_taps
   assert not winograd
   monkeypatch.setattr(conv, 'winograd_wins', lambda x_shape, w_shape, strides, padding, dtype:
                       tuple(w_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
-                      and x_shape[-1] >= 64)
+                      and x_shape[-1] >= 32)
   winograd_auto = grads('auto', 'xla')
   assert len(winograd) >= 8 * 3 and (3, 3, 128, 128) in winograd, winograd
+  assert (3, 3, 32, 32) in winograd, winograd
   for variant in (grads('taps', 'xla'), auto, winograd_auto, grads('xla', 'matmul')):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(variant), jax.tree.leaves(xla)):
       a, b = np.asarray(a), np.asarray(b)

@@ -56,7 +56,8 @@ CPU choice for float32 stride-1 3x3 convolutions from 128 input channels where i
 at most 3/4 of what the valid taps do (not on 2x2 maps, where both need 16 products per
 output tile). Its float32 error on layer4's shape, max over outputs relative to the largest
 exact (float64) output: 6.5e-7, against 5.1e-7 for XLA's convolution and 5.0e-7 for the valid
-taps. bfloat16 keeps the valid taps and XLA.
+taps (over other seeds and shapes, 0.6 to 3 times XLA's error). bfloat16 keeps the valid taps
+and XLA.
 
 `conv_general_dilated` has lax's signature so that it can be handed to `flax.linen.Conv`; it
 takes the tap path for ordinary NHWC/HWIO convolutions (no dilation, no groups, explicit padding)
@@ -314,9 +315,12 @@ def valid_taps_win(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequ
 # "Fast Algorithms for Convolutional Neural Networks", 2016): each tile's 2x2 outputs are
 # A^T [(G w G^T) * (B^T d B)] A, 16 products per (tile, Ci, Co) where direct convolution needs 36.
 # The 16 elementwise products over channels are 16 matmuls. The transforms' entries are 0, +-1
-# and +-1/2, exact in binary, so float32 results stay as close to the exact convolution as
-# XLA's own (tests). Each transform is linear and gets its transpose as a custom gradient, one
-# pass over its data, where autodiff of the slices and stacks would pad and add per term.
+# and +-1/2, so they scale nothing inexactly, but their sums round: in float32 the result's error
+# against the exact convolution is about 1e-6 relative, 0.6 to 3 times XLA's own convolution's
+# on the ResNet shapes (tests hold layer4's within 1.5x). Each transform is linear and gets its
+# transpose as a custom gradient, one pass over its data, where autodiff of the slices and stacks
+# would pad and add per term. Being custom_vjp, they support reverse-mode differentiation only
+# (so does `batch_norm_matmul`, the CPU BatchNorm); `DMUE_CONV_KERNEL_GRAD=valid` avoids them.
 
 
 def _winograd_tiles(size: int, pads: tuple[int, int]) -> tuple[int, int]:
@@ -460,10 +464,15 @@ def conv_winograd(x: jax.Array, w: jax.Array, padding: Sequence[tuple[int, int]]
     padding: ((top, bottom), (left, right)), non-negative.
     precision: passed to the 16 tile-element matmuls.
   Returns:
-    [N, Ho, Wo, Co], as `lax.conv_general_dilated(x, w, (1, 1), padding)`.
+    [N, Ho, Wo, Co] in the operands' common dtype, as `lax.conv_general_dilated(x, w, (1, 1),
+    padding)`.
   """
   n, h, wd, ci = x.shape
   co = w.shape[-1]
+  # Mixed operands are transformed in their common dtype, as lax would compute (a bfloat16
+  # kernel transformed on its own would round its transform's sums in bfloat16).
+  dtype = jnp.result_type(x, w)
+  x, w = x.astype(dtype), w.astype(dtype)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
   ho, th = _winograd_tiles(h, pads[0])
   wo, tw = _winograd_tiles(wd, pads[1])
@@ -479,7 +488,8 @@ def winograd_wins(x_shape: Sequence[int], w_shape: Sequence[int], strides: Seque
   float32, stride 1, a 3x3 kernel, non-negative padding, a non-empty output, at least
   WINOGRAD_MIN_CHANNELS input channels, and at most 3/4 of the products that the valid taps
   multiply (16 per tile against the (output, tap) pairs that read real input: 64 against 100
-  on a 4x4 map, but 16 against 16 on a 2x2 map, where the tiles only add transforms)."""
+  on a 4x4 map, 256 against 361 on 7x7, but 16 against 16 on a 2x2 map, where the tiles only
+  add transforms; 3x3 and 5x5 maps, whose last tile is half cropped, never qualify)."""
   _, h, wd, ci = x_shape
   if tuple(w_shape[:2]) != (3, 3) or tuple(strides) != (1, 1):
     return False
