@@ -34,6 +34,27 @@ def random_case(shape_x, shape_w, seed=0):
           jnp.asarray(rng.normal(size=shape_w), jnp.float32))
 
 
+def assert_conv_matches_lax(fn, x, w, strides, padding, value_tol=1e-5):
+  """fn(x, w, strides, padding), jitted, has lax's shape and value (within value_tol) and
+  its input and kernel gradients (within 1e-5) under a random cotangent."""
+  want = lax_conv(x, w, strides, padding)
+  got = jax.jit(fn, static_argnums=(2, 3))(x, w, strides, padding)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=value_tol, atol=value_tol)
+  cot = jnp.asarray(np.random.default_rng(1).normal(size=want.shape), jnp.float32)
+  loss = lambda f: (lambda x, w: jnp.sum(f(x, w, strides, padding) * cot))
+  want_dx, want_dw = jax.grad(loss(lax_conv), argnums=(0, 1))(x, w)
+  got_dx, got_dw = jax.jit(jax.grad(loss(fn), argnums=(0, 1)))(x, w)
+  np.testing.assert_allclose(got_dx, want_dx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_dw, want_dw, rtol=1e-5, atol=1e-5)
+
+
+def spy(monkeypatch, name, record):
+  """Replaces conv.<name> by a wrapper that calls record(name, args) first."""
+  original = getattr(conv, name)
+  monkeypatch.setattr(conv, name, lambda *a, **kw: record(name, a) or original(*a, **kw))
+
+
 @pytest.mark.parametrize('kernel,stride,padding,size', [
     (3, 1, ((1, 1), (1, 1)), 9),
     (3, 2, ((1, 1), (1, 1)), 9),       # odd size, stride 2: the last row/column is dropped
@@ -43,16 +64,7 @@ def random_case(shape_x, shape_w, seed=0):
 ])
 def test_value_and_gradients_equal_lax(kernel, stride, padding, size):
   x, w = random_case((3, size, size, 4), (kernel, kernel, 4, 5))
-  strides = (stride, stride)
-  want = lax_conv(x, w, strides, padding)
-  got = jax.jit(tap_conv, static_argnums=(2, 3))(x, w, strides, padding)
-  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-  cot = jnp.asarray(np.random.default_rng(1).normal(size=want.shape), jnp.float32)
-  loss = lambda f: (lambda x, w: jnp.sum(f(x, w, strides, padding) * cot))
-  want_dx, want_dw = jax.grad(loss(lax_conv), argnums=(0, 1))(x, w)
-  got_dx, got_dw = jax.jit(jax.grad(loss(tap_conv), argnums=(0, 1)))(x, w)
-  np.testing.assert_allclose(got_dx, want_dx, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(got_dw, want_dw, rtol=1e-5, atol=1e-5)
+  assert_conv_matches_lax(tap_conv, x, w, (stride, stride), padding, value_tol=1e-6)
 
 
 def test_vmapped_kernels_like_stacked_branches():
@@ -124,16 +136,7 @@ def valid_tap_conv(x, w, strides, padding):
 ])
 def test_valid_taps_value_and_gradients_equal_lax(kernel, strides, padding, size):
   x, w = random_case((3, *size, 4), (*kernel, 4, 5), seed=size[0])
-  want = lax_conv(x, w, strides, padding)
-  got = jax.jit(valid_tap_conv, static_argnums=(2, 3))(x, w, strides, padding)
-  assert got.shape == want.shape
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  cot = jnp.asarray(np.random.default_rng(1).normal(size=want.shape), jnp.float32)
-  loss = lambda f: (lambda x, w: jnp.sum(f(x, w, strides, padding) * cot))
-  want_dx, want_dw = jax.grad(loss(lax_conv), argnums=(0, 1))(x, w)
-  got_dx, got_dw = jax.jit(jax.grad(loss(valid_tap_conv), argnums=(0, 1)))(x, w)
-  np.testing.assert_allclose(got_dx, want_dx, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(got_dw, want_dw, rtol=1e-5, atol=1e-5)
+  assert_conv_matches_lax(valid_tap_conv, x, w, strides, padding)
 
 
 def test_valid_taps_accumulate_bfloat16_in_float32():
@@ -197,9 +200,7 @@ def test_valid_taps_rule_on_resnet18_at_112px(x_shape, w_shape, stride, pad, win
 
 def test_conv_auto_routes_by_shape_and_falls_back(monkeypatch):
   calls = []
-  original = conv.conv_valid_taps
-  monkeypatch.setattr(conv, 'conv_valid_taps',
-                      lambda *a, **k: calls.append(a[1].shape) or original(*a, **k))
+  spy(monkeypatch, 'conv_valid_taps', lambda name, args: calls.append(args[1].shape))
   pad = ((1, 1), (1, 1))
   small, w = random_case((2, 4, 4, 8), (3, 3, 8, 8))
   large, _ = random_case((2, 16, 16, 8), (3, 3, 8, 8))
@@ -260,16 +261,7 @@ def exact_conv(x, w, padding):
 ])
 def test_winograd_value_and_gradients_equal_lax(padding, size):
   x, w = random_case((3, *size, 6), (3, 3, 6, 5), seed=size[1])
-  want = lax_conv(x, w, (1, 1), padding)
-  got = jax.jit(winograd_conv, static_argnums=(2, 3))(x, w, (1, 1), padding)
-  assert got.shape == want.shape
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  cot = jnp.asarray(np.random.default_rng(1).normal(size=want.shape), jnp.float32)
-  loss = lambda f: (lambda x, w: jnp.sum(f(x, w, (1, 1), padding) * cot))
-  want_dx, want_dw = jax.grad(loss(lax_conv), argnums=(0, 1))(x, w)
-  got_dx, got_dw = jax.jit(jax.grad(loss(winograd_conv), argnums=(0, 1)))(x, w)
-  np.testing.assert_allclose(got_dx, want_dx, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(got_dw, want_dw, rtol=1e-5, atol=1e-5)
+  assert_conv_matches_lax(winograd_conv, x, w, (1, 1), padding)
 
 
 def test_winograd_rounds_no_worse_than_xla():
@@ -318,9 +310,7 @@ def test_conv_auto_takes_winograd_before_valid_taps(monkeypatch):
   vmap (branch mode 'vmap') too."""
   calls = []
   for name in ('conv_valid_taps', 'conv_winograd'):
-    original = getattr(conv, name)
-    monkeypatch.setattr(conv, name, lambda *a, name=name, original=original, **kw:
-                        calls.append(name) or original(*a, **kw))
+    spy(monkeypatch, name, lambda name, args: calls.append(name))
   pad = ((1, 1), (1, 1))
   x, w = random_case((2, 4, 4, 128), (3, 3, 128, 8))
   w = w * 0.05
@@ -371,9 +361,7 @@ def test_flax_conv_in_a_resnet_block_matches_lax(monkeypatch):
     return jax.grad(loss)(variables['params'])
 
   calls = []
-  original = conv.kernel_grad_taps
-  monkeypatch.setattr(conv, 'kernel_grad_taps',
-                      lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+  spy(monkeypatch, 'kernel_grad_taps', lambda name, args: calls.append(args[2]))
   monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'taps')
   taps = grads()
   assert sorted(calls) == sorted([(3, 3, 8, 16), (3, 3, 16, 16), (1, 1, 8, 16)])
@@ -461,11 +449,10 @@ def test_whole_dmue_loss_gradient_matches_lax(monkeypatch):
     return jax.jit(jax.grad(loss))(variables['params'])
 
   xla = grads('xla', 'xla')
-  valid_taps, winograd = [], []
-  for name, calls in (('conv_valid_taps', valid_taps), ('conv_winograd', winograd)):
-    original = getattr(conv, name)
-    monkeypatch.setattr(conv, name, lambda *a, calls=calls, original=original, **kw:
-                        calls.append(a[1].shape) or original(*a, **kw))
+  shapes = {'conv_valid_taps': [], 'conv_winograd': []}
+  for name in shapes:
+    spy(monkeypatch, name, lambda name, args: shapes[name].append(args[1].shape))
+  valid_taps, winograd = shapes['conv_valid_taps'], shapes['conv_winograd']
   auto = grads('auto', 'xla')
   # The tiny config's layer4 (128 channels on a 2x2 map) takes the valid taps in every
   # branch. Winograd, which gains nothing on such small maps, is forced here onto every

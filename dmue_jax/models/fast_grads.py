@@ -286,11 +286,16 @@ def conv_valid_taps(x: jax.Array, w: jax.Array, strides: Sequence[int],
   return y.astype(dtype)
 
 
-def _valid_fraction(size: int, k: int, stride: int, pad: tuple[int, int]) -> float:
-  """The fraction of (output, tap) pairs along one axis that read real input."""
+def _valid_pairs(size: int, k: int, stride: int, pad: tuple[int, int]) -> int:
+  """The number of (output, tap) pairs along one axis that read real input."""
   out_size = _output_size(size, k, stride, pad)
   ranges = _tap_output_ranges(size, out_size, k, stride, pad[0])
-  return sum(r[1] - r[0] for r in ranges if r) / (out_size * k)
+  return sum(r[1] - r[0] for r in ranges if r)
+
+
+def _valid_fraction(size: int, k: int, stride: int, pad: tuple[int, int]) -> float:
+  """The fraction of (output, tap) pairs along one axis that read real input."""
+  return _valid_pairs(size, k, stride, pad) / (_output_size(size, k, stride, pad) * k)
 
 
 def valid_taps_win(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
@@ -339,6 +344,23 @@ def _tile_rows(x: jax.Array, tiles: int, axis: int) -> list[jax.Array]:
   return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
 
 
+def _pad_axis(a: jax.Array, axis: int, low: int, high: int) -> jax.Array:
+  """a with `low` zeros before and `high` after along `axis`."""
+  return jnp.pad(a, [(low, high) if d == axis else (0, 0) for d in range(a.ndim)])
+
+
+def _interleave_even_odd(even: jax.Array, odd: jax.Array, axis: int) -> jax.Array:
+  """Two arrays n long on `axis` -> one 2n long whose even positions are `even`'s, odd `odd`'s.
+
+  Used wherever a stride-2 window's gradients go back to the positions they read (the 3x3/2
+  max-pool, Winograd's overlapping tiles).
+  """
+  both = jnp.stack([even, odd], axis=axis + 1)
+  shape = list(even.shape)
+  shape[axis] *= 2
+  return both.reshape(shape)
+
+
 def _tile_rows_transpose(v: Sequence[jax.Array], axis: int) -> jax.Array:
   """The transpose of `_tile_rows`: 4 arrays `tiles` long on `axis` -> 2*tiles+2 positions.
 
@@ -348,16 +370,9 @@ def _tile_rows_transpose(v: Sequence[jax.Array], axis: int) -> jax.Array:
   """
   v0, v1, v2, v3 = v
   offsets = (v0, v1 - v2 + v3, v1 + v2 - v0, -v3)
-  first = lambda a: jnp.concatenate([a, jnp.zeros_like(lax.slice_in_dim(a, 0, 1, axis=axis))],
-                                    axis)
-  later = lambda a: jnp.concatenate([jnp.zeros_like(lax.slice_in_dim(a, 0, 1, axis=axis)), a],
-                                    axis)
-  even = first(offsets[0]) + later(offsets[2])
-  odd = first(offsets[1]) + later(offsets[3])
-  both = jnp.stack([even, odd], axis=axis + 1)
-  shape = list(even.shape)
-  shape[axis] *= 2
-  return both.reshape(shape)
+  even = _pad_axis(offsets[0], axis, 0, 1) + _pad_axis(offsets[2], axis, 1, 0)
+  odd = _pad_axis(offsets[1], axis, 0, 1) + _pad_axis(offsets[3], axis, 1, 0)
+  return _interleave_even_odd(even, odd, axis)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -498,8 +513,7 @@ def winograd_wins(x_shape: Sequence[int], w_shape: Sequence[int], strides: Seque
   (ho, th), (wo, tw) = _winograd_tiles(h, padding[0]), _winograd_tiles(wd, padding[1])
   if min(ho, wo) <= 0 or ci < WINOGRAD_MIN_CHANNELS:
     return False
-  direct = (_valid_fraction(h, 3, 1, padding[0]) * ho * 3
-            * _valid_fraction(wd, 3, 1, padding[1]) * wo * 3)
+  direct = _valid_pairs(h, 3, 1, padding[0]) * _valid_pairs(wd, 3, 1, padding[1])
   return 16 * th * tw <= 0.75 * direct
 
 
@@ -634,19 +648,15 @@ def _max_pool_3x3_fwd(x):
   return y, (x, y)
 
 
-def _interleave(taps: Sequence[jax.Array], axis: int) -> jax.Array:
+def _interleave_taps(taps: Sequence[jax.Array], axis: int) -> jax.Array:
   """Gradients of taps 0, 1, 2 (each Ho long on `axis`) -> their sum at the 2*Ho+1 padded
   positions they read: even position 2o gets tap 0 of window o and tap 2 of window o-1, odd
   position 2o+1 gets tap 1 of window o."""
   t0, t1, t2 = taps
   n = t0.shape[axis]
-  pad = lambda a, lo, hi: jnp.pad(a, [(lo, hi) if d == axis else (0, 0) for d in range(a.ndim)])
-  even = pad(t0, 0, 1) + pad(t2, 1, 0)                      # n + 1 positions
-  odd = pad(t1, 0, 1)                                       # n + 1, the last one unused
-  both = jnp.stack([even, odd], axis=axis + 1)              # [..., n+1, 2, ...]
-  shape = list(even.shape)
-  shape[axis] = 2 * (n + 1)
-  return lax.slice_in_dim(both.reshape(shape), 0, 2 * n + 1, axis=axis)
+  even = _pad_axis(t0, axis, 0, 1) + _pad_axis(t2, axis, 1, 0)   # n + 1 positions
+  odd = _pad_axis(t1, axis, 0, 1)                                # n + 1, the last one unused
+  return lax.slice_in_dim(_interleave_even_odd(even, odd, axis), 0, 2 * n + 1, axis=axis)
 
 
 def _max_pool_3x3_bwd(residuals, g):
@@ -655,8 +665,8 @@ def _max_pool_3x3_bwd(residuals, g):
   xp, ho, wo = _pad_3x3(x)
   hits = _first_maximum(_tap_views(xp, 3, 3, (2, 2), ho, wo), y)
   parts = [jnp.where(hit, g, 0).astype(jnp.float32) for hit in hits]
-  rows = [_interleave(parts[j::3], axis=1) for j in range(3)]   # per column tap j
-  grad = _interleave(rows, axis=2)                              # [N, 2Ho+1, 2Wo+1, C]
+  rows = [_interleave_taps(parts[j::3], axis=1) for j in range(3)]   # per column tap j
+  grad = _interleave_taps(rows, axis=2)                              # [N, 2Ho+1, 2Wo+1, C]
   return (grad[:, 1:1 + h, 1:1 + w].astype(x.dtype),)
 
 
