@@ -39,6 +39,11 @@ Metrics (keys added to results.json):
   label_prob_auroc
       the same with the target head's probability of the annotated label in place of the score:
       what a plain classifier's confidence already tells.
+  label_similarity_auroc (DMUE runs)
+      the same with the PUE MLP's most telling input in place of the score: the sample's
+      min-max scaled mean cosine similarity to its annotated class in its batch, m[i, y_i].
+      Well below the score's AUROC, the MLP is not reading its input; close to it, the
+      features are what limits the score.
 A plain cross-entropy run (config.dmue.enabled False) has no score and no latent distribution:
 its rows are sorted by the probability of the annotated label and only the metrics that need
 neither are written.
@@ -152,6 +157,7 @@ class SampleTable:
   latent: np.ndarray | None        # [N, C]
   truth: np.ndarray | None         # [N, C] normalised to sum 1
   true_label: np.ndarray | None    # int [N]
+  label_similarity: np.ndarray | None = None  # [N] m[i, y_i], the PUE input (DMUE runs)
 
   @property
   def mislabeled(self) -> np.ndarray | None:
@@ -186,7 +192,8 @@ def sample_outputs(variables, images, *, config) -> dict[str, jax.Array]:
   """Score, mined distribution and inference probabilities of one grouped batch.
 
   images: [C, k, H, W, 3], row c = samples annotated c.
-  Returns {'probs': [C, k, C]} and, for DMUE runs, {'score': [C, k], 'latent': [C, k, C]}.
+  Returns {'probs': [C, k, C]} and, for DMUE runs, {'score': [C, k], 'latent': [C, k, C],
+  'label_similarity': [C, k]}.
   """
   c, k = images.shape[:2]
   logits = train.eval_logits(variables, images.reshape((c * k,) + images.shape[2:]),
@@ -199,6 +206,7 @@ def sample_outputs(variables, images, *, config) -> dict[str, jax.Array]:
                                 variables['batch_stats'], images, 0, None)
     out['score'] = extra['score']
     out['latent'] = extra['latent']
+    out['label_similarity'] = extra['label_similarity']
   return out
 
 
@@ -255,7 +263,7 @@ def collect(config, variables, data: train.RunData, mesh) -> SampleTable:
       class_names=list(data.splits.class_names), labels=np.asarray(data.labels),
       original_labels=np.asarray(data.clean_labels), flipped=np.asarray(data.flipped, bool),
       probs=table['probs'], score=table.get('score'), latent=table.get('latent'),
-      truth=truth, true_label=true_label)
+      truth=truth, true_label=true_label, label_similarity=table.get('label_similarity'))
 
 
 def summarize(table: SampleTable) -> dict[str, Any]:
@@ -281,6 +289,8 @@ def summarize(table: SampleTable) -> dict[str, Any]:
   out['num_mislabeled'] = int(noisy.sum())
   if 0 < out['num_mislabeled'] < noisy.size:
     out['label_prob_auroc'] = roc_auc(-table.label_probs(), noisy)
+    if table.label_similarity is not None:
+      out['label_similarity_auroc'] = roc_auc(-table.label_similarity, noisy)
     if table.score is not None:
       out['noisy_label_auroc'] = roc_auc(-table.score, noisy)
       out['mean_score_clean'] = float(table.score[~noisy].mean())

@@ -155,7 +155,8 @@ def dmue_terms(model: dmue_model.DMUEModel, dmue_cfg, params, batch_stats, image
 
   images: [C, k, H, W, 3]; epoch: scalar (int or traced).
   Returns (terms {total, ce, soft, sp, aux}, aux {score [C,k], latent [C,k,C], new_stats,
-  target_logits [C,k,C]}).
+  target_logits [C,k,C], label_similarity [C,k]: the PUE input's scaled mean similarity to the
+  annotated class, m[i, y_i]}).
   """
   c, k = images.shape[:2]
   out, new_stats = model.apply_train(
@@ -178,7 +179,9 @@ def dmue_terms(model: dmue_model.DMUEModel, dmue_cfg, params, batch_stats, image
                                              dmue_cfg.gamma * terms['sp'])
                     + down * terms['aux'])
   extra = {'score': score[..., 0], 'latent': latent, 'new_stats': new_stats,
-           'target_logits': out['target_logits'], 'ramp_up': up, 'ramp_down': down}
+           'target_logits': out['target_logits'], 'ramp_up': up, 'ramp_down': down,
+           # Row c of the grouped batch is annotated c: its entries of column c.
+           'label_similarity': jnp.diagonal(m.reshape(c, k, c), axis1=0, axis2=2).T}
   return terms, extra
 
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import make_run
 from dmue_jax import analyze
 from dmue_jax import input_pipeline
+from dmue_jax import losses
 from dmue_jax import metrics as metrics_lib
 from dmue_jax import train
 
@@ -134,6 +135,18 @@ def test_summarize_with_truth():
     assert np.isfinite(m[key])
 
 
+def test_summarize_label_similarity_auroc():
+  table = hand_table()
+  # Mislabeled samples 2 and 5 against the 4 clean ones: 2 (0.1) is below all 4; 5 (0.5) is
+  # below 3 and ties with sample 0 (half a pair): (4 + 3.5) / 8 pairs ordered right.
+  table.label_similarity = np.array([0.5, 0.9, 0.1, 0.8, 0.7, 0.5])
+  m = analyze.summarize(table)
+  assert m['label_similarity_auroc'] == pytest.approx(7.5 / 8)
+  assert m['noisy_label_auroc'] == pytest.approx(1.0)  # the score's, unchanged
+  table.label_similarity = None
+  assert 'label_similarity_auroc' not in analyze.summarize(table)
+
+
 def test_summarize_without_truth_skips_the_agreement_metrics(tmp_path):
   table = hand_table(truth=False)
   m = analyze.summarize(table)
@@ -205,13 +218,22 @@ def test_analyze_writes_one_row_per_training_sample(tmp_path):
   by_index = dict(zip(index, scores))
   np.testing.assert_allclose([by_index[i] for i in index0[0].ravel()],
                              np.asarray(extra['score']).ravel(), rtol=1e-4)
+  # label_similarity is the PUE input at the annotated class: m[i, y_i] of batch 0.
+  k = config.input.batch_per_class
+  fwd, _ = train.make_model(config).apply_train(
+      {'params': state.params, 'batch_stats': state.batch_stats}, images, dropout_rng=None,
+      neck_stats_all_passes=config.dmue.neck_stats_all_passes,
+      gram_features=not config.dmue.sp_on_aux_logits)
+  m = np.asarray(losses.class_similarity_means(z=fwd['z']))
+  np.testing.assert_allclose(np.asarray(extra['label_similarity']).ravel(),
+                             m[np.arange(c * k), np.repeat(np.arange(c), k)], rtol=1e-5)
 
   for name in ('most_uncertain.png', 'score_histogram.png'):
     assert os.path.getsize(os.path.join(out, name)) > 5000
   with open(os.path.join(run.workdir, 'results.json')) as f:
     results = json.load(f)
   for key in ('noisy_label_auroc', 'latent_kl_to_truth', 'baseline_kl_to_truth',
-              'mean_score_clean', 'mean_score_noisy'):
+              'mean_score_clean', 'mean_score_noisy', 'label_similarity_auroc'):
     assert key in results
     assert results[key] == metrics[key]
   assert results['eval_accuracy'] == 0.25
