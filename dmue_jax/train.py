@@ -149,6 +149,16 @@ def create_train_state(config, rng: jax.Array, steps_per_epoch: int,
 
 
 # ------------------------------------------------------------------ the DMUE objective
+def dmue_forward(model: dmue_model.DMUEModel, dmue_cfg, variables, images, dropout_rng):
+  """The training-mode forward of a grouped batch, with the config's DMUE switches.
+
+  images: [C, k, H, W, 3]. Returns (outputs of `DMUEModel.apply_train`, new batch_stats).
+  """
+  return model.apply_train(variables, images, dropout_rng=dropout_rng,
+                           neck_stats_all_passes=dmue_cfg.neck_stats_all_passes,
+                           gram_features=not dmue_cfg.sp_on_aux_logits)
+
+
 def dmue_terms(model: dmue_model.DMUEModel, dmue_cfg, params, batch_stats, images, epoch,
                dropout_rng):
   """Loss terms on a grouped batch.
@@ -159,10 +169,8 @@ def dmue_terms(model: dmue_model.DMUEModel, dmue_cfg, params, batch_stats, image
   annotated class, m[i, y_i]}).
   """
   c, k = images.shape[:2]
-  out, new_stats = model.apply_train(
-      {'params': params, 'batch_stats': batch_stats}, images, dropout_rng=dropout_rng,
-      neck_stats_all_passes=dmue_cfg.neck_stats_all_passes,
-      gram_features=not dmue_cfg.sp_on_aux_logits)
+  out, new_stats = dmue_forward(model, dmue_cfg, {'params': params, 'batch_stats': batch_stats},
+                                images, dropout_rng)
   m = losses.class_similarity_means(z=out['z'])
   score = model.apply_pue(params, losses.pue_input(m=m, k=k)).reshape(c, k, 1)
   latent = losses.latent_distribution(latent_logits=out['latent_logits'], T=dmue_cfg.T)

@@ -220,10 +220,9 @@ def test_analyze_writes_one_row_per_training_sample(tmp_path):
                              np.asarray(extra['score']).ravel(), rtol=1e-4)
   # label_similarity is the PUE input at the annotated class: m[i, y_i] of batch 0.
   k = config.input.batch_per_class
-  fwd, _ = train.make_model(config).apply_train(
-      {'params': state.params, 'batch_stats': state.batch_stats}, images, dropout_rng=None,
-      neck_stats_all_passes=config.dmue.neck_stats_all_passes,
-      gram_features=not config.dmue.sp_on_aux_logits)
+  fwd, _ = train.dmue_forward(train.make_model(config), config.dmue,
+                              {'params': state.params, 'batch_stats': state.batch_stats},
+                              images, None)
   m = np.asarray(losses.class_similarity_means(z=fwd['z']))
   np.testing.assert_allclose(np.asarray(extra['label_similarity']).ravel(),
                              m[np.arange(c * k), np.repeat(np.arange(c), k)], rtol=1e-5)
