@@ -282,7 +282,7 @@ def dmue_train_step(setup: Setup, config) -> tuple[_Stepper, float]:
   shapes = jax.eval_shape(lambda key: train.init_variables(config, key), jax.random.key(0))
   state = train.create_train_state(config, jax.random.key(0), _STEPS_PER_EPOCH,
                                    variables=random_variables(shapes))
-  state = jax.device_put(state, parallel.replicated(setup.mesh))
+  state = jax.device_put(state, parallel.state_sharding(state, setup.mesh))
   p_train, _ = train.make_jitted_steps(config, setup.mesh, _STEPS_PER_EPOCH)
   rng = jax.random.key(1)
   compiled = setup.compile(p_train, state, setup.batch, rng)

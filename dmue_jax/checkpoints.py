@@ -47,19 +47,24 @@ def manager(workdir: str, *, keep: int = 3, read_only: bool = False) -> ocp.Chec
       best_fn=lambda m: m['eval_accuracy'], best_mode='max',
       read_only=read_only,
       # Synchronous saves: a run killed right after a save still has it complete on disk.
-      enable_async_checkpointing=False)
+      # Asynchronous saves: training goes on while orbax writes. A step folder appears only
+      # once complete, so a run killed mid-save resumes from the checkpoint before it.
+      enable_async_checkpointing=True)
   return ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
          metrics: dict | None = None) -> None:
-  """Saves `state` and JSON `meta` at `step` (a no-op when that step is already saved)."""
+  """Saves `state` and JSON `meta` at `step` (a no-op when that step is already saved).
+
+  Returns once the arrays are copied off the devices; the files are written in the background
+  (`mgr.wait_until_finished()` or `mgr.close()` waits for them).
+  """
   if step in mgr.all_steps():
     return
   mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                          meta=ocp.args.JsonSave(meta)),
            metrics=metrics, force=True)
-  mgr.wait_until_finished()
 
 
 def restore(mgr: ocp.CheckpointManager, step: int, target: Any):

@@ -65,7 +65,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.bnneck = True
   config.model.dropout = 0.5
   config.model.branch_mode = 'auto'   # 'auto' (loop on CPU, vmap elsewhere), 'vmap', 'loop'
-  config.model.dtype = 'float32'      # compute dtype; params stay float32
+  # Compute dtype: 'auto' = bfloat16 on GPU and TPU, float32 on CPU. Parameters, optimiser
+  # state, BatchNorm statistics, losses and the similarity statistics stay float32.
+  config.model.dtype = 'auto'
+  # Layer implementations: 'auto' = the CPU kernels (custom gradients for XLA:CPU) on a CPU
+  # backend, XLA's own elsewhere; 'xla' or 'cpu' to force one (fast_grads.resolve).
+  config.model.kernels = 'auto'
   config.model.init_from = ''         # official torch weights to start from ('' = random)
 
   config.dmue = ml_collections.ConfigDict()
@@ -109,6 +114,17 @@ def resolve_stem(stem: str, backbone: str) -> str:
   return 'standard' if backbone == 'resnet50_ibn' else 'reference'
 
 
+DTYPES = ('auto', 'float32', 'bfloat16')
+
+
+def resolve_dtype(dtype: str, backend: str | None = None) -> str:
+  """config.model.dtype -> 'float32' or 'bfloat16': 'auto' is bfloat16 on GPU and TPU."""
+  if dtype != 'auto':
+    return dtype
+  import jax  # pylint: disable=g-import-not-at-top (configs load without JAX)
+  return 'float32' if (backend or jax.default_backend()) == 'cpu' else 'bfloat16'
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the field when a value cannot work."""
   m, i, d = config.model, config.input, config.dmue
@@ -135,8 +151,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.branch_mode not in ('auto', 'vmap', 'loop'):
     raise ConfigError(f"config.model.branch_mode={m.branch_mode!r}: use 'auto', 'vmap' or "
                       "'loop'.")
-  if m.dtype not in ('float32', 'bfloat16'):
-    raise ConfigError(f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'.")
+  if m.dtype not in DTYPES:
+    raise ConfigError(f"config.model.dtype={m.dtype!r}: use 'auto', 'float32' or 'bfloat16'.")
+  if m.kernels not in ('auto', 'xla', 'cpu'):
+    raise ConfigError(f"config.model.kernels={m.kernels!r}: use 'auto', 'xla' or 'cpu'.")
   if d.T <= 0:
     raise ConfigError(f'config.dmue.T={d.T} must be positive.')
   if d.ramp_a <= 0:

@@ -183,6 +183,22 @@ def train_transform(image: np.ndarray, rng: np.random.Generator, *, image_size: 
   Returns:
     float32[S, S, 3] in [-1, 1].
   """
+  crop, box = train_crop(image, rng, image_size=image_size, resize_size=resize_size)
+  out = normalize(crop)
+  if box is not None:
+    t, l, h, w = box
+    out[t:t + h, l:l + w] = 0.0  # value 0 after normalisation, i.e. mid-grey
+  return out
+
+
+NO_BOX = (0, 0, 0, 0)
+
+
+def train_crop(image: np.ndarray, rng: np.random.Generator, *, image_size: int,
+               resize_size: int) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+  """`train_transform` before normalising: (uint8[S, S, 3], the erased box (top, left, h, w)
+  or None). The box is erased to 0 after normalising (mid-grey, not a uint8 value), so a
+  uint8 batch carries it beside the image and the device erases it (`normalize_images`)."""
   image = resize(image, resize_size)
   add_noise = rng.uniform() < NOISE_PROB
   top = int(rng.integers(0, resize_size - image_size + 1))
@@ -195,21 +211,48 @@ def train_transform(image: np.ndarray, rng: np.random.Generator, *, image_size: 
     crop = add_gaussian_noise(crop, rng)
   if rng.uniform() < FLIP_PROB:
     crop = crop[:, ::-1]
-  out = normalize(crop)
-  if rng.uniform() < ERASE_PROB:
-    box = erase_box(rng, image_size, image_size)
-    if box is not None:
-      t, l, h, w = box
-      out[t:t + h, l:l + w] = 0.0  # value 0 after normalisation, i.e. mid-grey
-  return out
+  box = erase_box(rng, image_size, image_size) if rng.uniform() < ERASE_PROB else None
+  return crop, box
+
+
+def normalize_images(images, erase=None):
+  """On the device: uint8 images [..., S, S, 3] -> float32 in [-1, 1], as `normalize`, with
+  each image's `erase` box [..., 4] (top, left, h, w; h = 0 for none) set to 0. Float images
+  are taken as already normalised and returned as they are."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top (the pipeline itself is NumPy)
+  if images.dtype != jnp.uint8:
+    return images
+  out = images.astype(jnp.float32) * jnp.float32(1.0 / 127.5) - jnp.float32(1.0)
+  if erase is None:
+    return out
+  size_h, size_w = images.shape[-3], images.shape[-2]
+  t, l, h, w = (erase[..., i, None, None] for i in range(4))
+  rows = jnp.arange(size_h)[:, None]
+  cols = jnp.arange(size_w)[None, :]
+  inside = (rows >= t) & (rows < t + h) & (cols >= l) & (cols < l + w)
+  return jnp.where(inside[..., None], 0.0, out)
 
 
 def eval_transform(image: np.ndarray, *, image_size: int, resize_size: int) -> np.ndarray:
   """uint8[H, W, 3] -> float32[S, S, 3]: resize to R, centre crop S, normalise. Deterministic."""
+  return normalize(eval_crop(image, image_size=image_size, resize_size=resize_size))
+
+
+def eval_crop(image: np.ndarray, *, image_size: int, resize_size: int) -> np.ndarray:
+  """`eval_transform` before normalising: uint8[S, S, 3]."""
   image = resize(image, resize_size)
   # torchvision CenterCrop rounds the offset.
   offset = int(round((resize_size - image_size) / 2.0))
-  return normalize(image[offset:offset + image_size, offset:offset + image_size])
+  return image[offset:offset + image_size, offset:offset + image_size]
+
+
+def normalize_images_np(images: np.ndarray, erase: np.ndarray) -> np.ndarray:
+  """`normalize_images` on the host, in NumPy: uint8 [..., S, S, 3] and boxes [..., 4]."""
+  out = normalize(images)
+  flat_out = out.reshape((-1,) + out.shape[-3:])
+  for i, (t, l, h, w) in enumerate(erase.reshape(-1, 4)):
+    flat_out[i, t:t + h, l:l + w] = 0.0
+  return out
 
 
 # ------------------------------------------------------------------------------------- sampling
@@ -340,31 +383,44 @@ class TrainBatches:
   def batch(self, step: int) -> Batch:
     """{'image': float32[C, k_local, S, S, 3], 'label': int32[C, k_local] (row c = c),
     'index': int64[C, k_local]} for step `step`."""
+    raw = self.raw_batch(step)
+    raw['image'] = np.asarray(normalize_images_np(raw.pop('image'), raw.pop('erase')))
+    return raw
+
+  def raw_batch(self, step: int) -> Batch:
+    """`batch(step)` before normalising, a quarter of the bytes to send to the devices:
+    {'image': uint8[C, k_local, S, S, 3], 'erase': int32[C, k_local, 4] (the boxes to erase
+    after normalising, see `train_crop`), 'label', 'index'}. `normalize_images` finishes it."""
     index = self.indices(step)
     c_dim, k_dim, s = self.num_classes, self.local_per_class, self.image_size
-    image = np.empty((c_dim, k_dim, s, s, 3), dtype=np.float32)
+    image = np.empty((c_dim, k_dim, s, s, 3), dtype=np.uint8)
+    erase = np.zeros((c_dim, k_dim, 4), dtype=np.int32)
     first = self._first_column()
     for c in range(c_dim):
       for j in range(k_dim):
         raw = self.source[int(index[c, j])]['image']
         if self.augment:
           rng = _augment_rng(self.seed, step, c, first + j)
-          image[c, j] = train_transform(raw, rng, image_size=s, resize_size=self.resize_size)
+          image[c, j], box = train_crop(raw, rng, image_size=s, resize_size=self.resize_size)
+          erase[c, j] = box or NO_BOX
         else:
-          image[c, j] = eval_transform(raw, image_size=s, resize_size=self.resize_size)
+          image[c, j] = eval_crop(raw, image_size=s, resize_size=self.resize_size)
     label = np.broadcast_to(np.arange(c_dim, dtype=np.int32)[:, None], (c_dim, k_dim)).copy()
-    return {'image': image, 'label': label, 'index': index}
+    return {'image': image, 'erase': erase, 'label': label, 'index': index}
 
   def iterate(self, start_step: int = 0, *, num_steps: int | None = None,
-              num_threads: int | None = None, prefetch: int | None = None) -> Iterator[Batch]:
-    """Yields batch(start_step), batch(start_step + 1), ... (num_steps of them, or forever).
+              num_threads: int | None = None, prefetch: int | None = None,
+              raw: bool = False) -> Iterator[Batch]:
+    """Yields batch(start_step), batch(start_step + 1), ... (num_steps of them, or forever);
+    `raw_batch`es with raw=True.
 
     Batches are built ahead on `num_threads` threads (default: the usable cores); OpenCV and
     NumPy release the GIL in the heavy parts, so throughput scales with cores.
     """
     stop = None if num_steps is None else start_step + num_steps
     steps = itertools.count(start_step) if stop is None else range(start_step, stop)
-    return prefetch_map(self.batch, steps, num_threads=num_threads, prefetch=prefetch)
+    return prefetch_map(self.raw_batch if raw else self.batch, steps, num_threads=num_threads,
+                        prefetch=prefetch)
 
 
 # ------------------------------------------------------------------------------------ threading

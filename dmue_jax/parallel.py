@@ -10,13 +10,18 @@ reference's DataParallel, SPEC Q6).
 
 from __future__ import annotations
 
+import collections
 import os
+from collections.abc import Iterable, Iterator
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dmue_jax.config_lib import ConfigError
+
+# The mesh's one axis: the data-parallel devices.
+AXIS = 'data'
 
 
 def initialize_distributed(parallel_config) -> None:
@@ -44,7 +49,7 @@ def initialize_distributed(parallel_config) -> None:
 
 def make_mesh() -> jax.sharding.Mesh:
   """A 1-D mesh over every device of every process, axis 'data'."""
-  return jax.make_mesh((jax.device_count(),), ('data',),
+  return jax.make_mesh((jax.device_count(),), (AXIS,),
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
@@ -52,13 +57,45 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+# Arrays smaller than this stay whole on every device in the optimiser update.
+MIN_SPLIT_SIZE = 4096
+
+
+def split_sharding(x, mesh) -> NamedSharding:
+  """Where one device updates 1/N of a parameter: its last axis that N divides, for arrays of
+  at least MIN_SPLIT_SIZE entries; replicated otherwise."""
+  n = mesh.size
+  if n > 1 and x.size >= MIN_SPLIT_SIZE:
+    for axis in reversed(range(len(x.shape))):
+      if x.shape[axis] % n == 0:
+        spec = [None] * len(x.shape)
+        spec[axis] = AXIS
+        return NamedSharding(mesh, P(*spec))
+  return replicated(mesh)
+
+
+def update_sharding(tree, mesh):
+  """`split_sharding` of every array of `tree` (parameters, gradients, optimiser moments)."""
+  return jax.tree.map(lambda x: split_sharding(x, mesh), tree)
+
+
+def state_sharding(state, mesh):
+  """The train state's placement: parameters and BatchNorm statistics replicated (every device
+  runs the whole network), the optimiser's moments split (`update_sharding`): each device keeps
+  and updates 1/N of them, and the new parameters are gathered once per step."""
+  repl = replicated(mesh)
+  return state.replace(step=repl, params=jax.tree.map(lambda _: repl, state.params),
+                       batch_stats=jax.tree.map(lambda _: repl, state.batch_stats),
+                       opt_state=update_sharding(state.opt_state, mesh))
+
+
 def train_batch_sharding(mesh) -> NamedSharding:
   """[C, k, ...]: the per-class axis k split over devices."""
-  return NamedSharding(mesh, P(None, 'data'))
+  return NamedSharding(mesh, P(None, AXIS))
 
 
 def eval_batch_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P('data'))
+  return NamedSharding(mesh, P(AXIS))
 
 
 def check_divisible(batch_per_class: int, eval_batch_size: int) -> None:
@@ -83,6 +120,19 @@ def global_batch(local: dict, sharding: NamedSharding, axis: int) -> dict:
     return jax.make_array_from_process_local_data(sharding, x, tuple(shape))
 
   return {name: make(v) for name, v in local.items()}
+
+
+def prefetch_to_device(batches: Iterable[dict], sharding: NamedSharding, axis: int, *,
+                       size: int = 2) -> Iterator[dict]:
+  """Yields `global_batch(b, sharding, axis)` for each local batch, keeping `size` more batches
+  placed on the devices: their host-to-device copies overlap the steps before them."""
+  queue = collections.deque()
+  for local in batches:
+    queue.append(global_batch(local, sharding, axis))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def to_host(x) -> np.ndarray:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from dmue_jax import checkpoints
 from dmue_jax import compiler
@@ -168,9 +169,10 @@ def dmue_terms(model: dmue_model.DMUEModel, dmue_cfg, params, batch_stats, image
   target_logits [C,k,C], label_similarity [C,k]: the PUE input's scaled mean similarity to the
   annotated class, m[i, y_i]}).
   """
-  c, k = images.shape[:2]
   out, new_stats = dmue_forward(model, dmue_cfg, {'params': params, 'batch_stats': batch_stats},
                                 images, dropout_rng)
+  out = gather_outputs(out, model.axis_name)
+  c, k = out['z'].shape[:2]
   m = losses.class_similarity_means(z=out['z'])
   score = model.apply_pue(params, losses.pue_input(m=m, k=k)).reshape(c, k, 1)
   latent = losses.latent_distribution(latent_logits=out['latent_logits'], T=dmue_cfg.T)
@@ -199,6 +201,9 @@ def baseline_terms(model: dmue_model.DMUEModel, params, batch_stats, images, dro
   flat = images.reshape((c * k,) + images.shape[2:])
   logits, _, new_stats = dmue_model.InferenceModel(model).apply(
       {'params': params, 'batch_stats': batch_stats}, flat, train=True, dropout_rng=dropout_rng)
+  logits = gather_samples(logits.reshape(c, k, c), model.axis_name, 1)
+  k = logits.shape[1]
+  logits = logits.reshape(c * k, c)
   labels = jnp.repeat(jnp.arange(c), k)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   zero = jnp.zeros((), jnp.float32)
@@ -207,6 +212,59 @@ def baseline_terms(model: dmue_model.DMUEModel, params, batch_stats, images, dro
            'target_logits': logits.reshape(c, k, c), 'ramp_up': jnp.ones(()),
            'ramp_down': jnp.zeros(())}
   return terms, extra
+
+
+# ------------------------------------------------------------------ data parallelism
+def gather_samples(x: jax.Array, axis_name: str | None, sample_axis: int) -> jax.Array:
+  """Inside shard_map: this device's samples (`sample_axis`) -> the global batch's, the same
+  array on every device. Outside (axis_name None): x itself."""
+  if axis_name is None:
+    return x
+  return jax.lax.all_gather(x, axis_name, axis=sample_axis, tiled=True, to='invarying')
+
+
+def gather_outputs(out: dict, axis_name: str | None) -> dict:
+  """The per-sample outputs of `DMUEModel.apply_train` for the global batch.
+
+  The DMUE statistics (class-similarity means, the Gram matrices of the SP term) and the loss
+  terms need every sample of the batch; what crosses devices here is per-sample vectors (D
+  features, C logits), never a feature map.
+  """
+  if axis_name is None:
+    return out
+  gathered = {}
+  for name, x in out.items():
+    if name in ('aux_logits', 'aux_feats'):
+      # [C, (C-1)k', P]: rows are (other class, sample); the samples are what is sharded.
+      c, _, p = x.shape
+      x = gather_samples(x.reshape(c, c - 1, -1, p), axis_name, 2).reshape(c, -1, p)
+    else:
+      x = gather_samples(x, axis_name, 1)
+    gathered[name] = x
+  return gathered
+
+
+def sharded_terms(terms_fn, mesh: jax.sharding.Mesh):
+  """`terms_fn` run per device on its share of a [C, k, ...] batch (shard_map).
+
+  terms_fn(params, batch_stats, inputs, epoch, rng) -> (terms, extra), inputs holding the
+  [C, k, ...] 'image' (and 'erase') arrays of the batch, built on a model whose
+  axis_name is parallel.AXIS. Each device runs the networks on its k/N samples of every class;
+  BatchNorm statistics are reduced over the devices and the per-sample outputs gathered for
+  the DMUE statistics, so every output is the global batch's and the same on every device.
+  The parameters enter as this device's copy (varying): the transpose of that is the sum of
+  the devices' gradients, the one all-reduce of the parameters' size.
+  """
+  axis = parallel.AXIS
+
+  def local(params, batch_stats, inputs, epoch, rng):
+    params = {name: (tree if name == 'pue' else
+                     jax.tree.map(lambda a: jax.lax.pcast(a, axis, to='varying'), tree))
+              for name, tree in params.items()}
+    return terms_fn(params, batch_stats, inputs, epoch, rng)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(None, axis), P(), P()),
+                       out_specs=P())
 
 
 def group_by_class(images, labels, num_classes: int):
@@ -248,31 +306,47 @@ def loss_terms(variables: Variables, images, labels, *, epoch, config, rng=None)
 
 
 # ------------------------------------------------------------------ steps
-def train_step(state: TrainState, batch, rng, *, config, steps_per_epoch: int):
+def train_step(state: TrainState, batch, rng, *, config, steps_per_epoch: int, mesh=None):
   """One optimiser step on a grouped batch {'image': [C,k,H,W,3], 'label': [C,k]}.
 
+  Images are uint8 (normalised here, on the device) or already normalised floats. With a mesh
+  of several devices the networks run under `sharded_terms`, each device on its k/N samples.
   Returns (new state, metrics). Randomness: fold_in(rng, step).
   """
   model = make_model(config)
   epoch = state.step // steps_per_epoch
   dropout_rng = jax.random.fold_in(rng, state.step)
+  sharded = mesh is not None and mesh.size > 1
+  if sharded:
+    model = dataclasses.replace(model, axis_name=parallel.AXIS)
+
+  def terms_fn(params, batch_stats, inputs, epoch, rng):
+    images = input_pipeline.normalize_images(inputs['image'], inputs.get('erase'))
+    if uses_dmue(config):
+      return dmue_terms(model, config.dmue, params, batch_stats, images, epoch, rng)
+    return baseline_terms(model, params, batch_stats, images, rng)
+
+  if sharded:
+    terms_fn = sharded_terms(terms_fn, mesh)
 
   def loss_fn(params):
-    if uses_dmue(config):
-      terms, extra = dmue_terms(model, config.dmue, params, state.batch_stats, batch['image'],
-                                epoch, dropout_rng)
-    else:
-      terms, extra = baseline_terms(model, params, state.batch_stats, batch['image'],
-                                    dropout_rng)
+    inputs = {name: batch[name] for name in ('image', 'erase') if name in batch}
+    terms, extra = terms_fn(params, state.batch_stats, inputs, epoch, dropout_rng)
     return terms['total'], (terms, extra)
 
   grads, (terms, extra) = jax.grad(loss_fn, has_aux=True)(state.params)
   tx = make_optimizer(config, steps_per_epoch)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = state.params
+  if sharded:
+    # Each device updates its 1/N of every large parameter (parallel.state_sharding).
+    split = lambda tree: jax.lax.with_sharding_constraint(
+        tree, parallel.update_sharding(tree, mesh))
+    grads, params = split(grads), split(params)
+  updates, opt_state = tx.update(grads, state.opt_state, params)
+  params = optax.apply_updates(params, updates)
   new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=extra['new_stats'], opt_state=opt_state)
-  c, k = batch['image'].shape[:2]
+  c = batch['image'].shape[0]
   preds = jnp.argmax(extra['target_logits'], axis=-1)
   metrics = {
       'train_loss': terms['total'],
@@ -418,10 +492,13 @@ def predict_split(p_eval, variables, source, config, mesh, *, return_logits=Fals
 def make_jitted_steps(config, mesh, steps_per_epoch: int):
   """(train_step, eval_fn) jitted over the mesh: state replicated, batches sharded."""
   repl = parallel.replicated(mesh)
+  state_shape = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0),
+                                                          steps_per_epoch))
+  state_sharding = parallel.state_sharding(state_shape, mesh)
   p_train = compiler.jit(
-      functools.partial(train_step, config=config, steps_per_epoch=steps_per_epoch),
-      in_shardings=(repl, parallel.train_batch_sharding(mesh), repl),
-      out_shardings=(repl, repl), donate_argnums=0)
+      functools.partial(train_step, config=config, steps_per_epoch=steps_per_epoch, mesh=mesh),
+      in_shardings=(state_sharding, parallel.train_batch_sharding(mesh), repl),
+      out_shardings=(state_sharding, repl), donate_argnums=0)
   p_eval = compiler.jit(functools.partial(eval_logits, config=config),
                         in_shardings=(repl, parallel.eval_batch_sharding(mesh)),
                         out_shardings=parallel.eval_batch_sharding(mesh))
@@ -465,7 +542,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     state = create_train_state(config, init_rng, spe,
                                variables=initial_variables(config, init_rng))
-  state = jax.device_put(state, parallel.replicated(mesh))
+  state = jax.device_put(state, parallel.state_sharding(state, mesh))
   p_train, p_eval = make_jitted_steps(config, mesh, spe)
 
   writer = (metrics_lib.MetricWriter(workdir, class_names=data.splits.class_names)
@@ -480,25 +557,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = _progress(is_main and config.progress_bar, total_steps, start_step)
   timer = _Throughput(c * k)
   last_eval = None
+  # The loop only dispatches: batches travel as uint8 and are placed two steps ahead, and the
+  # host reads results back only at log, evaluation and checkpoint steps. `first_bad` keeps,
+  # on the device, the first step whose loss was not finite.
   local_batches = batches.iterate(start_step, num_steps=total_steps - start_step,
-                                  num_threads=config.input.num_workers)
-  for step, local in zip(range(start_step, total_steps), local_batches):
-    batch = parallel.global_batch({'image': local['image'], 'label': local['label']},
-                                  parallel.train_batch_sharding(mesh), 1)
+                                  num_threads=config.input.num_workers, raw=True)
+  device_batches = parallel.prefetch_to_device(
+      ({name: b[name] for name in ('image', 'erase', 'label')} for b in local_batches),
+      parallel.train_batch_sharding(mesh), 1)
+  first_bad = jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(mesh))
+  for step, batch in zip(range(start_step, total_steps), device_batches):
     state, step_metrics = p_train(state, batch, dropout_rng)
-    loss = float(step_metrics['train_loss'])
-    if not np.isfinite(loss):
-      raise _non_finite(f'the training loss became {loss}', step + 1, spe, mgr.directory)
-    timer.tick()
+    first_bad = _first_non_finite(first_bad, step_metrics['train_loss'], step + 1)
     done = step + 1
     if progress is not None:
       progress.update(1)
-      progress.set_postfix(loss=f'{loss:.4f}', img_s=f'{timer.rate():.1f}')
-    if writer is not None and (done % config.log_every_steps == 0 or done == total_steps):
-      writer.write(done, {'epoch': step // spe, **jax.device_get(step_metrics),
+    log_step = done % config.log_every_steps == 0 or done == total_steps
+    epoch_end = done % spe == 0
+    save_step = epoch_end or done % config.checkpoint_every_steps == 0 or done == total_steps
+    # The first step is waited for too: the rate is measured from its end (compilation done).
+    if not (log_step or save_step or step == start_step):
+      continue
+    host_metrics = jax.device_get(step_metrics)
+    _check_finite(first_bad, spe, mgr)
+    timer.tick(done)
+    if progress is not None:
+      progress.set_postfix(loss=f'{float(host_metrics["train_loss"]):.4f}',
+                           img_s=f'{timer.rate():.1f}')
+    if writer is not None and log_step:
+      writer.write(done, {'epoch': step // spe, **host_metrics,
                           'images_per_second': timer.rate()})
       _maybe_die_for_test(done)
-    epoch_end = done % spe == 0
     if epoch_end and ((done // spe) % config.eval_every_epochs == 0 or done == total_steps):
       last_eval = evaluate_split(p_eval, state.variables, data.splits.test, config, mesh)
       if writer is not None:
@@ -506,10 +595,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info('step %d epoch %d: eval accuracy %.4f, mean class accuracy %.4f', done,
                    done // spe - 1, last_eval['eval_accuracy'],
                    last_eval['eval_mean_class_accuracy'])
-    if epoch_end or done % config.checkpoint_every_steps == 0 or done == total_steps:
+    if save_step:
       # The loss is computed before the update, so a step can leave NaN/Inf parameters behind
       # a finite loss: never let such a state replace the last good checkpoint.
       if not bool(parallel.to_host(_all_finite(state.params))):
+        mgr.wait_until_finished()
         raise _non_finite('the parameters became non-finite', done, spe, mgr.directory)
       ckpt_metrics = ({'eval_accuracy': last_eval['eval_accuracy']}
                       if epoch_end and last_eval is not None else None)
@@ -543,24 +633,43 @@ def _maybe_die_for_test(step: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _first_non_finite(first_bad, loss, step):
+  """The first 1-based step whose loss was not finite (0 while all were)."""
+  return jnp.where((first_bad == 0) & ~jnp.isfinite(loss), step, first_bad)
+
+
+def _check_finite(first_bad, steps_per_epoch: int, mgr) -> None:
+  """Stops the run if a loss was non-finite, once the checkpoint being written is complete."""
+  bad = int(parallel.to_host(first_bad))
+  if bad:
+    mgr.wait_until_finished()
+    raise _non_finite('the training loss became non-finite', bad, steps_per_epoch,
+                      mgr.directory)
+
+
 class _Throughput:
-  """Images per second over the steps of this run, the first (compiling) step excluded."""
+  """Images per second between the first and the latest synchronised step (the first,
+  compiling step excluded); `tick(step)` after the host has read that step's results."""
 
   def __init__(self, images_per_step: int):
     self.images_per_step = images_per_step
     self.start = None
+    self.first_step = 0
     self.count = 0
+    self.elapsed = 0.0
 
-  def tick(self):
+  def tick(self, step: int):
+    now = time.perf_counter()
     if self.start is None:
-      self.start = time.perf_counter()
+      self.start, self.first_step = now, step
     else:
-      self.count += 1
+      self.count, self.elapsed = step - self.first_step, now - self.start
 
   def rate(self) -> float:
     if not self.count:
       return 0.0
-    return self.count * self.images_per_step / (time.perf_counter() - self.start)
+    return self.count * self.images_per_step / self.elapsed
 
 
 def _progress(enabled: bool, total: int, initial: int):

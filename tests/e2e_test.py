@@ -79,13 +79,14 @@ def test_train_and_evaluate_then_resume(tmp_path, cache):
 def test_killed_and_restarted_run_equals_uninterrupted(tmp_path, cache):
   whole, broken = tmp_path / 'whole', tmp_path / 'broken'
   run_main(whole, cache)
-  # SIGKILL right after step 5 was logged; the last checkpoint is step 4.
+  # SIGKILL right after step 5 was logged; the last checkpoint saved is step 4, written in the
+  # background, so the one complete on disk is step 4 or, if the kill came first, step 3.
   proc = run_main(broken, cache, env_extra={'DMUE_TEST_KILL_AFTER_STEP': '5'}, check=False)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   assert not os.path.exists(broken / 'results.json')
   restarted = run_main(broken, cache)
-  # It really resumed (from the step-4 checkpoint) rather than training again from scratch.
-  assert re.search(r'Resumed from \S+ at step 4\.', restarted.stderr), restarted.stderr[-2000:]
+  # It really resumed rather than training again from scratch.
+  assert re.search(r'Resumed from \S+ at step [34]\.', restarted.stderr), restarted.stderr[-2000:]
   assert train_losses(broken) == train_losses(whole)
   a = json.loads((whole / 'results.json').read_text())
   b = json.loads((broken / 'results.json').read_text())

@@ -40,7 +40,7 @@ def main(out, num_steps):
   mesh = parallel.make_mesh()
   parallel.check_divisible(K, config.input.eval_batch_size)
   state = train.create_train_state(config, jax.random.key(0), steps_per_epoch=1)
-  state = jax.device_put(state, parallel.replicated(mesh))
+  state = jax.device_put(state, parallel.state_sharding(state, mesh))
   p_train, _ = train.make_jitted_steps(config, mesh, steps_per_epoch=1)
   share = K // jax.process_count()
   cols = slice(jax.process_index() * share, (jax.process_index() + 1) * share)

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmue_jax import config_lib
+from dmue_jax.models import fast_grads
+from dmue_jax.models import layers
 from dmue_jax.models import resnet
 
 Variables = dict[str, Any]
@@ -103,10 +105,13 @@ class PUE(nn.Module):
 
 class Neck(nn.Module):
   """The BN-neck over pooled features, optionally per stacked segment (see resnet.BatchNorm)."""
+  kernels: layers.Kernels = layers.XLA
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, *, train, stacked=False):
-    return resnet.BatchNorm(name='bn')(x, train=train, stacked=stacked)
+    return resnet.BatchNorm(kernels=self.kernels, axis_name=self.axis_name, name='bn')(
+        x, train=train, stacked=stacked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +119,9 @@ class DMUEModel:
   """Builds, initialises and applies the multi-branch model. Stateless; all state is in
   `variables`.
 
-  Attributes mirror config.model; see `from_config`.
+  Attributes mirror config.model; see `from_config`. `axis_name` is set inside shard_map,
+  where x holds this device's k/N samples of every class: BatchNorm statistics and dropout
+  masks are then those of the global batch (train.sharded_terms).
   """
   num_classes: int
   backbone: str = 'resnet18'
@@ -126,6 +133,8 @@ class DMUEModel:
   dropout: float = 0.5
   branch_mode: str = 'loop'
   dtype: Any = jnp.float32
+  kernels: layers.Kernels = layers.XLA
+  axis_name: str | None = None
 
   @classmethod
   def from_config(cls, model_config) -> 'DMUEModel':
@@ -136,7 +145,8 @@ class DMUEModel:
                last_stride=model_config.last_stride, pooling=model_config.pooling,
                bnneck=model_config.bnneck, dropout=model_config.dropout,
                branch_mode=default_branch_mode() if mode == 'auto' else mode,
-               dtype=jnp.dtype(model_config.dtype))
+               dtype=jnp.dtype(config_lib.resolve_dtype(model_config.dtype)),
+               kernels=fast_grads.select(model_config.kernels))
 
   @property
   def feature_dim(self) -> int:
@@ -144,11 +154,17 @@ class DMUEModel:
 
   @property
   def trunk(self) -> resnet.Trunk:
-    return resnet.Trunk(self.backbone, self.width, self.stem, self.dtype)
+    return resnet.Trunk(self.backbone, self.width, self.stem, self.dtype, self.kernels,
+                        self.axis_name)
 
   @property
   def stage(self) -> resnet.Stage4:
-    return resnet.Stage4(self.backbone, self.width, self.last_stride, self.dtype)
+    return resnet.Stage4(self.backbone, self.width, self.last_stride, self.dtype, self.kernels,
+                         self.axis_name)
+
+  @property
+  def neck(self) -> Neck:
+    return Neck(self.kernels, self.axis_name)
 
   # ---------------------------------------------------------------- initialisation
   def init(self, rng: jax.Array, image_size: int) -> Variables:
@@ -160,7 +176,7 @@ class DMUEModel:
     h = self.trunk.apply(trunk_vars, x, train=False)
     branch_vars = jax.vmap(lambda k: self.stage.init(k, h, train=False))(
         jax.random.split(k_br, c + 1))
-    neck_vars = Neck().init(k_neck, jnp.zeros((2, d)), train=False)
+    neck_vars = self.neck.init(k_neck, jnp.zeros((2, d)), train=False)
     pue_vars = PUE(c).init(k_pue, jnp.zeros((1, 2 * c)))
     params = {
         'trunk': trunk_vars['params'],
@@ -256,8 +272,11 @@ class DMUEModel:
     latent_z = pool(lat_feats)              # [C, k, D]
     z = pool(tgt_feats)[0]                  # [Ck, D]
 
-    aux_z = self._dropout(aux_z, dropout_rng, 0)
-    target_in = self._dropout(z, dropout_rng, 1)
+    d = aux_z.shape[-1]
+    aux_z = self._dropout(aux_z.reshape(c, c - 1, k, d), dropout_rng, 0,
+                          sample_axis=2).reshape(aux_z.shape)
+    target_in = self._dropout(z.reshape(c, k, d), dropout_rng, 1,
+                              sample_axis=1).reshape(z.shape)
     neck_out, neck_stats = self._neck_train(params, stats, aux_z, target_in, latent_z,
                                             neck_stats_all_passes)
     aux_f, target_f, latent_f = neck_out
@@ -277,12 +296,26 @@ class DMUEModel:
                  'neck': neck_stats}
     return out, new_stats
 
-  def _dropout(self, x, rng, index):
-    """Inverted dropout (PyTorch nn.Dropout) with an independent mask per call site."""
+  def _dropout(self, x, rng, index, *, sample_axis):
+    """Inverted dropout (PyTorch nn.Dropout) with an independent mask per call site.
+
+    x's `sample_axis` holds the samples of a class. Inside shard_map (axis_name set) that axis
+    is this device's slice of the global batch's, and the mask is the slice of the global
+    batch's mask: N devices drop what one device drops.
+    """
     if rng is None or self.dropout == 0.0:
       return x
     keep = 1.0 - self.dropout
-    mask = jax.random.bernoulli(jax.random.fold_in(rng, index), keep, x.shape)
+    key = jax.random.fold_in(rng, index)
+    if self.axis_name is None:
+      mask = jax.random.bernoulli(key, keep, x.shape)
+    else:
+      local = x.shape[sample_axis]
+      shape = list(x.shape)
+      shape[sample_axis] = local * jax.lax.axis_size(self.axis_name)
+      mask = jax.lax.dynamic_slice_in_dim(jax.random.bernoulli(key, keep, tuple(shape)),
+                                          jax.lax.axis_index(self.axis_name) * local, local,
+                                          axis=sample_axis)
     return jnp.where(mask, x / keep, 0.0)
 
   def _neck_train(self, params, stats, aux_z, target_in, latent_z, all_passes):
@@ -296,7 +329,7 @@ class DMUEModel:
       return (aux_z, target_in, latent_z), stats['neck']
 
     def neck(x, batch_stats, stacked):
-      y, new = Neck().apply({'params': params['neck'], 'batch_stats': batch_stats}, x,
+      y, new = self.neck.apply({'params': params['neck'], 'batch_stats': batch_stats}, x,
                             train=True, stacked=stacked, mutable=['batch_stats'])
       return y, new['batch_stats']
 
@@ -330,7 +363,7 @@ class InferenceModel:
     trunk_vars = b.trunk.init(k1, x, train=False)
     h = b.trunk.apply(trunk_vars, x, train=False)
     stage_vars = b.stage.init(k2, h, train=False)
-    neck_vars = Neck().init(k3, jnp.zeros((2, b.feature_dim)), train=False)
+    neck_vars = b.neck.init(k3, jnp.zeros((2, b.feature_dim)), train=False)
     head = 0.001 * jax.random.normal(jax.random.fold_in(rng, 7), (b.feature_dim,
                                                                   b.num_classes))
     return {
@@ -355,10 +388,12 @@ class InferenceModel:
     h, branch_s = out if train else (out, None)
     z = resnet.pool(h, b.pooling)
     if train:
-      z = b._dropout(z, dropout_rng, 1)  # pylint: disable=protected-access
+      # Grouped rows (class-major, as the train step sends them) when sharded.
+      grouped = z.reshape(b.num_classes, -1, z.shape[-1]) if b.axis_name else z
+      z = b._dropout(grouped, dropout_rng, 1, sample_axis=1).reshape(z.shape)  # pylint: disable=protected-access
     neck_s = None
     if b.bnneck:
-      out = Neck().apply({'params': p['neck'], 'batch_stats': s['neck']}, z, train=train,
+      out = b.neck.apply({'params': p['neck'], 'batch_stats': s['neck']}, z, train=train,
                          mutable=mutable)
       z, neck_s = out if train else (out, None)
     logits = z @ p['head']['kernel']

@@ -14,8 +14,8 @@ gradient had caught up for stride-1 convolutions with YNNPACK's kernels (layer1 
 `compiler.options()` selects for convolutions on CPU, XLA's gradient wins almost everywhere
 (forward + gradients, ms, XLA vs taps: stem 39 vs 154; layer2 3x3/2 38 vs 62; layer3 3x3/2 29 vs 29;
 only the 1x1/2 downsamples, 5-12 ms, are a few ms faster with taps). So the tap kernel
-gradients are no longer the default; they stay for comparison (DMUE_CONV_KERNEL_GRAD=taps|
-strided), and they were the better choice with YNNPACK. What `conv_for_backend` uses on CPU
+gradients are no longer the default; they stay for comparison (`conv_general_dilated` and
+`conv_strided_taps`), and they were the better choice with YNNPACK. What the CPU kernel set (`CPU`) uses
 today is Winograd's and the valid-tap convolution below, each where it wins.
 
 Valid taps (2026-12-04). A 3x3 convolution with padding 1 on layer4's 4x4 map (112 px input)
@@ -93,7 +93,7 @@ that produced the input (BN, residual add, ReLU), recomputing them in transposed
 of reading the buffer the forward pass already wrote: on 2026-12-04 one such fusion recomputed
 two blocks of layer1 (three [70, 28, 28, 64] reads per output entry, 86 ms per step). XLA:CPU
 drops `lax.optimization_barrier` before fusion, but cannot fuse through a conditional, so
-`materialize_for_backend` gives resnet.Block an identity `lax.cond` for its activations. The
+`CPU.materialize` gives resnet.Block an identity `lax.cond` for its activations. The
 transposes become plain copies (14.5 ms each there); all activation transposes of the DMUE step
 went from about 0.72 to 0.49 CPU-s and the step from 3.88-4.10 to 3.59-3.69 s (three interleaved
 pairs in one process).
@@ -102,12 +102,13 @@ pairs in one process).
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Sequence
 
 import jax
 from jax import lax
 import jax.numpy as jnp
+
+from dmue_jax.models import layers
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Up to this many patch columns (k*k*Ci) one matmul on gathered patches beats k*k tap matmuls.
@@ -325,7 +326,7 @@ def valid_taps_win(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequ
 # on the ResNet shapes (tests hold layer4's within 1.5x). Each transform is linear and gets its
 # transpose as a custom gradient, one pass over its data, where autodiff of the slices and stacks
 # would pad and add per term. Being custom_vjp, they support reverse-mode differentiation only
-# (so does `batch_norm_matmul`, the CPU BatchNorm); `DMUE_CONV_KERNEL_GRAD=valid` avoids them.
+# (so does `batch_norm_matmul`, the CPU BatchNorm); `conv_auto_without_winograd` avoids them.
 
 
 def _winograd_tiles(size: int, pads: tuple[int, int]) -> tuple[int, int]:
@@ -547,32 +548,8 @@ def conv_auto(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
 
 
 def conv_auto_without_winograd(*args, **kwargs):
-  """`conv_auto` as it was before Winograd (DMUE_CONV_KERNEL_GRAD=valid, for comparison)."""
+  """`conv_auto` as it was before Winograd (for comparison)."""
   return conv_auto(*args, winograd=False, **kwargs)
-
-
-_CONVS = {'xla': lax.conv_general_dilated, 'taps': conv_general_dilated,
-          'strided': conv_strided_taps, 'auto': conv_auto, 'valid': conv_auto_without_winograd}
-
-
-def conv_for_backend(backend: str | None = None) -> Callable[..., jax.Array]:
-  """The convolution to give `nn.Conv` (module docstring): `conv_auto` on CPU, lax's
-  elsewhere (a GPU's or TPU's convolution is not bound the same way; not measured there).
-
-  DMUE_CONV_KERNEL_GRAD=xla|auto|valid|taps|strided overrides the choice (valid = `conv_auto`
-  without Winograd, taps = the tap kernel gradient for every plain convolution, strided = for
-  the strided ones only).
-  """
-  on_cpu = (backend or jax.default_backend()) == 'cpu'
-  return _chosen('DMUE_CONV_KERNEL_GRAD', _CONVS, 'auto' if on_cpu else 'xla')
-
-
-def _chosen(variable: str, table: dict[str, Callable], default: str) -> Callable:
-  """table[$variable], or table[default] where the variable is unset or empty."""
-  choice = os.environ.get(variable, '') or default
-  if choice not in table:
-    raise ValueError(f'{variable} must be one of {", ".join(table)}, not {choice!r}')
-  return table[choice]
 
 
 # ------------------------------------------------------------------ max-pool
@@ -685,84 +662,51 @@ def column_sum(x: jax.Array) -> jax.Array:
   return jnp.sum(rows.reshape(-1, c), axis=0)
 
 
-def normalize(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array,
-              bias: jax.Array, epsilon: float) -> jax.Array:
-  """(x - mean) / sqrt(var + epsilon) * scale + bias, as one multiply-add per entry.
-
-  x: [N, ..., C]; the rest [C]. The one formula of training (batch statistics) and inference
-  (running statistics), so that both round alike.
-  """
-  mul = scale * lax.rsqrt(var + epsilon)
-  return x * mul + (bias - mean * mul)
+def _global_sum(value: jax.Array, axis_name: str | None) -> jax.Array:
+  return value if axis_name is None else lax.psum(value, axis_name)
 
 
-def _batch_norm_forward(x, scale, bias, epsilon, total):
-  count = x.size // x.shape[-1]
-  mean = total(x) / count
-  # Two-pass variance, as PyTorch's: no E[x^2] - E[x]^2 cancellation.
-  var = total(jnp.square(x - mean)) / count
-  return normalize(x, mean, var, scale, bias, epsilon), mean, var, lax.rsqrt(var + epsilon)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_matmul(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
+                      axis_name: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`layers.batch_norm` with every sum, forward and backward, as a `column_sum`."""
+  mean, var = layers.batch_norm_statistics(x, column_sum, axis_name)
+  return layers.normalize(x, mean, var, scale, bias, epsilon), mean, var
 
 
-def batch_norm_xla(x: jax.Array, scale: jax.Array, bias: jax.Array,
-                   epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Training-mode batch norm over every axis but the last, differentiated by JAX.
-
-  x: [N, ..., C] float32; scale, bias: [C]. Returns (y like x, batch mean [C], biased batch
-  variance [C]).
-  """
-  y, mean, var, _ = _batch_norm_forward(x, scale, bias, epsilon,
-                                        lambda a: jnp.sum(a, axis=tuple(range(a.ndim - 1))))
-  return y, mean, var
+def _batch_norm_matmul_fwd(x, scale, bias, epsilon, axis_name):
+  mean, var = layers.batch_norm_statistics(x, column_sum, axis_name)
+  y = layers.normalize(x, mean, var, scale, bias, epsilon)
+  return (y, mean, var), (x, scale, mean, lax.rsqrt(var + epsilon))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_matmul(x: jax.Array, scale: jax.Array, bias: jax.Array,
-                      epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`batch_norm_xla` with every sum, forward and backward, as a `column_sum`."""
-  y, mean, var, _ = _batch_norm_forward(x, scale, bias, epsilon, column_sum)
-  return y, mean, var
-
-
-def _batch_norm_matmul_fwd(x, scale, bias, epsilon):
-  y, mean, var, inv = _batch_norm_forward(x, scale, bias, epsilon, column_sum)
-  return (y, mean, var), (x, scale, mean, inv)
-
-
-def _batch_norm_matmul_bwd(epsilon, residuals, cotangents):
+def _batch_norm_matmul_bwd(epsilon, axis_name, residuals, cotangents):
   del epsilon
   x, scale, mean, inv = residuals
   g, g_mean, g_var = cotangents
   count = x.size // x.shape[-1]
+  if axis_name is not None:
+    count *= lax.axis_size(axis_name)
   centred = x - mean
   sum_g = column_sum(g)
   sum_g_centred = column_sum(g * centred)
   # y = centred * inv * scale + bias. Through the batch statistics, with xhat = centred * inv:
   # dx = scale * inv * (g - mean(g) - xhat * mean(g * xhat)), plus the direct paths of the
-  # mean and variance outputs (d mean / dx = 1/count, d var / dx = 2 * centred / count).
+  # mean and variance outputs (d mean / dx = 1/count, d var / dx = 2 * centred / count). The
+  # means are over the global batch; scale's and bias's gradients are this device's share
+  # (shard_map's transpose of a replicated parameter adds the shares).
   k = scale * inv
-  constant = (g_mean - k * sum_g) / count
-  slope = (2 * g_var - k * inv * inv * sum_g_centred) / count
+  constant = (g_mean - k * _global_sum(sum_g, axis_name)) / count
+  slope = (2 * g_var - k * inv * inv * _global_sum(sum_g_centred, axis_name)) / count
   dx = k * g + constant + slope * centred
   return dx, sum_g_centred * inv, sum_g
 
 
 batch_norm_matmul.defvjp(_batch_norm_matmul_fwd, _batch_norm_matmul_bwd)
 
-_BATCH_NORMS = {'xla': batch_norm_xla, 'matmul': batch_norm_matmul}
-
-
-def batch_norm_for_backend(backend: str | None = None) -> Callable[..., tuple]:
-  """The training-mode batch norm: `batch_norm_matmul` on CPU, `batch_norm_xla` elsewhere.
-
-  DMUE_BATCH_NORM=xla|matmul overrides the choice (for benchmarks).
-  """
-  on_cpu = (backend or jax.default_backend()) == 'cpu'
-  return _chosen('DMUE_BATCH_NORM', _BATCH_NORMS, 'matmul' if on_cpu else 'xla')
-
 
 # ------------------------------------------------------------------ materialise
-def _identity_cond(x: jax.Array, anchor: jax.Array) -> jax.Array:
+def identity_cond(x: jax.Array, anchor: jax.Array) -> jax.Array:
   """x through a `lax.cond` whose branches both return it, on a predicate XLA cannot fold.
 
   anchor: any scalar the program holds at run time, e.g. one parameter entry. A parameter is
@@ -774,22 +718,22 @@ def _identity_cond(x: jax.Array, anchor: jax.Array) -> jax.Array:
   return lax.cond(anchor == anchor, lambda a: a, lambda a: a * 1.0, x)
 
 
-def _identity(x: jax.Array, anchor: jax.Array) -> jax.Array:
-  del anchor
-  return x
+# ------------------------------------------------------------------ the CPU kernel set
+CPU = layers.Kernels('cpu', conv=conv_auto, batch_norm=batch_norm_matmul,
+                     materialize=identity_cond, max_pool_2x2=max_pool_2x2,
+                     max_pool_3x3=max_pool_3x3)
+KERNEL_SETTINGS = ('auto', 'xla', 'cpu')
 
 
-_MATERIALIZE = {'cond': _identity_cond, 'off': _identity}
+def resolve(setting: str, backend: str | None = None) -> str:
+  """config.model.kernels -> 'xla' or 'cpu': 'auto' is 'cpu' on a CPU backend, else 'xla'."""
+  if setting not in KERNEL_SETTINGS:
+    raise ValueError(f"kernels must be one of {', '.join(KERNEL_SETTINGS)}, not {setting!r}")
+  if setting == 'auto':
+    return 'cpu' if (backend or jax.default_backend()) == 'cpu' else 'xla'
+  return setting
 
 
-def materialize_for_backend(
-    backend: str | None = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """The identity that makes XLA write an activation to its own buffer (module docstring):
-  an identity `lax.cond` on CPU; plain identity elsewhere, where a conditional costs a
-  device-to-host copy of its predicate (GPU) and no such transposes were measured.
-
-  Called as f(x, anchor) (see `_identity_cond`). DMUE_MATERIALIZE=cond|off overrides the choice
-  (for benchmarks). Values and gradients are the same either way.
-  """
-  on_cpu = (backend or jax.default_backend()) == 'cpu'
-  return _chosen('DMUE_MATERIALIZE', _MATERIALIZE, 'cond' if on_cpu else 'off')
+def select(setting: str, backend: str | None = None) -> layers.Kernels:
+  """The kernel set of a config.model.kernels setting (see `resolve`)."""
+  return CPU if resolve(setting, backend) == 'cpu' else layers.XLA

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dmue_jax.models import fast_grads
+from dmue_jax.models import layers
 
 Dtype = Any
 
@@ -64,12 +64,15 @@ class BatchNorm(nn.Module):
     stacked: x[s] is segment s, normalised with its own statistics; the running averages are
       updated segment after segment, s = 0 first. The segments are normalised under vmap, not
       sliced out of one batch: the gradient of a slice is a pad, and XLA:CPU fused the sum of
-      the 15 padded neck gradients into every layer4 backward fusion that read it (about 20 ms
-      each, 2026-12-03).
+      the padded neck gradients into every layer4 backward fusion that read it.
+  With `axis_name` (inside shard_map) the batch is the union of every device's share on that
+  mesh axis: statistics and the running averages' count are the global batch's.
   """
   momentum: float = 0.1
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
+  kernels: layers.Kernels = layers.XLA
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, *, train: bool, stacked: bool = False):
@@ -81,8 +84,7 @@ class BatchNorm(nn.Module):
     if not train:
       return self._normalize(x, ra_mean.value, ra_var.value, scale, bias)
 
-    norm = fast_grads.batch_norm_for_backend()
-    batch_norm = lambda a: norm(a, scale, bias, self.epsilon)
+    batch_norm = lambda a: self.kernels.batch_norm(a, scale, bias, self.epsilon, self.axis_name)
     x32 = x.astype(jnp.float32)
     if stacked:
       y, means, variances = jax.vmap(batch_norm)(x32)
@@ -90,6 +92,8 @@ class BatchNorm(nn.Module):
     else:
       y, mean, var = batch_norm(x32)
       means, variances, count = mean[None], var[None], segment_count(x)
+    if self.axis_name is not None:
+      count *= jax.lax.axis_size(self.axis_name)
     if not self.is_initializing():
       new_mean, new_var = ra_mean.value, ra_var.value
       correction = count / jnp.maximum(jnp.asarray(count, jnp.float32) - 1, 1)
@@ -100,7 +104,7 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype)
 
   def _normalize(self, x, mean, var, scale, bias):
-    y = fast_grads.normalize(x.astype(jnp.float32), mean, var, scale, bias, self.epsilon)
+    y = layers.normalize(x.astype(jnp.float32), mean, var, scale, bias, self.epsilon)
     return y.astype(self.dtype)
 
 
@@ -124,21 +128,24 @@ class InstanceNorm(nn.Module):
 class IBN(nn.Module):
   """IBN-a: the first half of the channels instance-normalised, the rest batch-normalised."""
   dtype: Dtype = jnp.float32
+  kernels: layers.Kernels = layers.XLA
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, *, train):
     half = x.shape[-1] // 2
     a = InstanceNorm(dtype=self.dtype, name='IN')(x[..., :half])
-    b = BatchNorm(dtype=self.dtype, name='BN')(x[..., half:], train=train)
+    b = BatchNorm(dtype=self.dtype, kernels=self.kernels, axis_name=self.axis_name,
+                  name='BN')(x[..., half:], train=train)
     return jnp.concatenate([a, b], axis=-1)
 
 
-def _conv(features, kernel, stride, dtype, name):
+def _conv(features, kernel, stride, dtype, kernels, name):
   pad = (kernel - 1) // 2
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
                  use_bias=False, dtype=dtype, param_dtype=jnp.float32,
                  kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
-                 conv_general_dilated=fast_grads.conv_for_backend(), name=name)
+                 conv_general_dilated=kernels.conv, name=name)
 
 
 class Block(nn.Module):
@@ -149,19 +156,22 @@ class Block(nn.Module):
   downsample: bool = False
   ibn: bool = False
   dtype: Dtype = jnp.float32
+  kernels: layers.Kernels = layers.XLA
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, *, train):
-    norm = functools.partial(BatchNorm, dtype=self.dtype)
+    norm = functools.partial(BatchNorm, dtype=self.dtype, kernels=self.kernels,
+                             axis_name=self.axis_name)
     bn = lambda name: (lambda y: norm(name=name)(y, train=train))
-    conv = lambda f, k, s, name: _conv(f, k, s, self.dtype, name)
+    conv = lambda f, k, s, name: _conv(f, k, s, self.dtype, self.kernels, name)
     relu = nn.relu
     if train:
       # Every ReLU output is the input of a convolution whose kernel gradient reads it
-      # transposed; it is written once rather than recomputed there (fast_grads: materialised).
-      # The conditionals' predicate reads one entry of conv1's kernel (created before any ReLU):
-      # a parameter is replicated, so no device waits for another's data to decide it.
-      materialize = fast_grads.materialize_for_backend()
+      # transposed; `kernels.materialize` may write it once rather than let it be recomputed
+      # there (fast_grads). Its anchor is one entry of conv1's kernel (created before any ReLU):
+      # a parameter, so no device waits for another's data to read it.
+      materialize = self.kernels.materialize
       anchor = lambda: self.variables['params']['conv1']['kernel'].reshape(-1)[0]
       relu = lambda y: materialize(nn.relu(y), anchor())
     residual = x
@@ -173,7 +183,8 @@ class Block(nn.Module):
     else:
       y = conv(self.features, 1, 1, 'conv1')(x)
       if self.ibn:
-        y = IBN(dtype=self.dtype, name='bn1')(y, train=train)
+        y = IBN(dtype=self.dtype, kernels=self.kernels, axis_name=self.axis_name,
+                name='bn1')(y, train=train)
       else:
         y = bn('bn1')(y)
       y = relu(y)
@@ -185,7 +196,8 @@ class Block(nn.Module):
     return relu(y + residual)
 
 
-def _stage_blocks(kind, width, index, num_blocks, in_features, stride, dtype):
+def _stage_blocks(kind, width, index, num_blocks, in_features, stride, dtype, kernels,
+                  axis_name):
   """The blocks of stage `index` (0..3) as (name, Block) pairs."""
   features = width * (2 ** index)
   expansion = 1 if kind == 'basic' else 4
@@ -197,7 +209,8 @@ def _stage_blocks(kind, width, index, num_blocks, in_features, stride, dtype):
     s = stride if b == 0 else 1
     down = b == 0 and (s != 1 or in_features != features * expansion)
     blocks.append((f'layer{index + 1}_{b}',
-                   Block(features, block_kind, s, down, ibn, dtype, name=f'layer{index + 1}_{b}')))
+                   Block(features, block_kind, s, down, ibn, dtype, kernels, axis_name,
+                         name=f'layer{index + 1}_{b}')))
   return blocks
 
 
@@ -211,24 +224,28 @@ class Trunk(nn.Module):
   width: int = 64
   stem: str = 'reference'
   dtype: Dtype = jnp.float32
+  kernels: layers.Kernels = layers.XLA
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    kind, layers = SPECS[self.backbone]
+    kind, blocks = SPECS[self.backbone]
     width = NARROW_WIDTH if self.backbone == 'resnet18_narrow' else self.width
     x = x.astype(self.dtype)
-    x = _conv(width, 7, 2, self.dtype, 'conv1')(x)
-    x = BatchNorm(dtype=self.dtype, name='bn1')(x, train=train)
+    x = _conv(width, 7, 2, self.dtype, self.kernels, 'conv1')(x)
+    x = BatchNorm(dtype=self.dtype, kernels=self.kernels, axis_name=self.axis_name,
+                  name='bn1')(x, train=train)
     if self.stem == 'reference':
-      x = fast_grads.max_pool_2x2(x)
+      x = self.kernels.max_pool_2x2(x)
     else:
       x = nn.relu(x)
-      x = fast_grads.max_pool_3x3(x)
+      x = self.kernels.max_pool_3x3(x)
     in_features = width
     expansion = 1 if kind == 'basic' else 4
     for index in range(3):
-      for _, block in _stage_blocks(kind, width, index, layers[index], in_features,
-                                    1 if index == 0 else 2, self.dtype):
+      for _, block in _stage_blocks(kind, width, index, blocks[index], in_features,
+                                    1 if index == 0 else 2, self.dtype, self.kernels,
+                                    self.axis_name):
         x = block(x, train=train)
         in_features = width * (2 ** index) * expansion
     return x
@@ -240,13 +257,15 @@ class Stage4(nn.Module):
   width: int = 64
   last_stride: int = 2
   dtype: Dtype = jnp.float32
+  kernels: layers.Kernels = layers.XLA
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    kind, layers = SPECS[self.backbone]
+    kind, blocks = SPECS[self.backbone]
     width = NARROW_WIDTH if self.backbone == 'resnet18_narrow' else self.width
-    for _, block in _stage_blocks(kind, width, 3, layers[3], x.shape[-1], self.last_stride,
-                                  self.dtype):
+    for _, block in _stage_blocks(kind, width, 3, blocks[3], x.shape[-1], self.last_stride,
+                                  self.dtype, self.kernels, self.axis_name):
       x = block(x, train=train)
     return x
 
@@ -267,12 +286,14 @@ class PlainResNet(nn.Module):
   stem: str = 'reference'
   last_stride: int = 2
   dtype: Dtype = jnp.float32
+  kernels: layers.Kernels = layers.XLA
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    h = Trunk(self.backbone, self.width, self.stem, self.dtype, name='trunk')(x, train=train)
-    h = Stage4(self.backbone, self.width, self.last_stride, self.dtype, name='layer4')(
-        h, train=train)
+    h = Trunk(self.backbone, self.width, self.stem, self.dtype, self.kernels,
+              name='trunk')(x, train=train)
+    h = Stage4(self.backbone, self.width, self.last_stride, self.dtype, self.kernels,
+               name='layer4')(h, train=train)
     feats = pool(h)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, name='fc')(feats)
     return logits, {'features': feats}
