@@ -1,6 +1,7 @@
 """The tap-gradient convolution, the max-pools and the matmul batch norm compute what XLA's own
 ops compute, values and gradients."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from dmue_jax.models import fast_grads as conv
+from dmue_jax.models import layers
 from dmue_jax.models import resnet
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
@@ -97,25 +99,18 @@ def test_other_convolutions_fall_back_to_lax():
   np.testing.assert_array_equal(got, want)
 
 
-def test_backend_choice_and_override(monkeypatch):
-  monkeypatch.delenv('DMUE_CONV_KERNEL_GRAD', raising=False)
-  # The valid-tap rewrite where it was measured faster on CPU; XLA's own elsewhere.
-  assert conv.conv_for_backend('cpu') is conv.conv_auto
+def test_kernel_setting_resolves_once_by_backend():
+  """config.model.kernels: 'auto' is the CPU set on a CPU backend and XLA's elsewhere; 'xla' and
+  'cpu' force one; anything else is an error naming the choices."""
+  assert conv.select('auto', 'cpu') is conv.CPU
   for backend in ('gpu', 'tpu'):
-    assert conv.conv_for_backend(backend) is jax.lax.conv_general_dilated
-  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'taps')
-  assert conv.conv_for_backend('tpu') is conv.conv_general_dilated
-  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'strided')
-  assert conv.conv_for_backend('cpu') is conv.conv_strided_taps
-  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'xla')
-  assert conv.conv_for_backend('cpu') is jax.lax.conv_general_dilated
-  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'auto')
-  assert conv.conv_for_backend('gpu') is conv.conv_auto
-  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'valid')
-  assert conv.conv_for_backend('cpu') is conv.conv_auto_without_winograd
-  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'fast')
-  with pytest.raises(ValueError, match='xla, taps, strided, auto, valid'):
-    conv.conv_for_backend('cpu')
+    assert conv.select('auto', backend) is layers.XLA
+  assert conv.select('xla', 'cpu') is layers.XLA
+  assert conv.select('cpu', 'gpu') is conv.CPU
+  assert conv.CPU.conv is conv.conv_auto and conv.CPU.batch_norm is conv.batch_norm_matmul
+  assert layers.XLA.conv is jax.lax.conv_general_dilated
+  with pytest.raises(ValueError, match='auto, xla, cpu'):
+    conv.select('fast')
 
 
 # ------------------------------------------------------------------ valid taps
@@ -354,23 +349,22 @@ def test_flax_conv_in_a_resnet_block_matches_lax(monkeypatch):
   block = resnet.Block(16, 'basic', stride=2, downsample=True)
   variables = block.init(jax.random.key(0), x, train=False)
 
-  def grads():
+  def grads(conv_fn):
+    b = block.clone(kernels=layers.Kernels('test', conv=conv_fn))
+
     def loss(params):
-      y, _ = block.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+      y, _ = b.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
       return jnp.sum(jnp.tanh(y))
     return jax.grad(loss)(variables['params'])
 
   calls = []
   spy(monkeypatch, 'kernel_grad_taps', lambda name, args: calls.append(args[2]))
-  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'taps')
-  taps = grads()
+  taps = grads(conv.conv_general_dilated)
   assert sorted(calls) == sorted([(3, 3, 8, 16), (3, 3, 16, 16), (1, 1, 8, 16)])
   # Only the strided convolutions (the 3x3/2 and the 1x1/2 downsample).
-  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'strided')
-  strided = grads()
+  strided = grads(conv.conv_strided_taps)
   assert sorted(calls[3:]) == sorted([(3, 3, 8, 16), (1, 1, 8, 16)])
-  monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', 'xla')
-  xla = grads()
+  xla = grads(jax.lax.conv_general_dilated)
   assert len(calls) == 5
   for a, b, c in zip(jax.tree.leaves(taps), jax.tree.leaves(strided), jax.tree.leaves(xla)):
     np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
@@ -439,9 +433,15 @@ def test_whole_dmue_loss_gradient_matches_lax(monkeypatch):
   images = jnp.asarray(rng.normal(size=(c * k, 32, 32, 3)), jnp.float32)
   labels = jnp.asarray(np.repeat(np.arange(c), k))
 
+  convs = {'xla': jax.lax.conv_general_dilated, 'auto': conv.conv_auto,
+           'taps': conv.conv_general_dilated}
+  norms = {'xla': layers.batch_norm, 'matmul': conv.batch_norm_matmul}
+  make_model = train.make_model
+
   def grads(conv_grad, batch_norm):
-    monkeypatch.setenv('DMUE_CONV_KERNEL_GRAD', conv_grad)
-    monkeypatch.setenv('DMUE_BATCH_NORM', batch_norm)
+    kernels = dataclasses.replace(conv.CPU, conv=convs[conv_grad], batch_norm=norms[batch_norm])
+    monkeypatch.setattr(train, 'make_model', lambda config: dataclasses.replace(
+        make_model(config), kernels=kernels))
 
     def loss(params):
       return train.loss_terms({'params': params, 'batch_stats': variables['batch_stats']},
@@ -501,10 +501,10 @@ def test_matmul_batch_norm_matches_autodiff(shape):
     return jnp.vdot(y, g_y) + jnp.vdot(mean, g_mean) + jnp.vdot(var, g_var)
 
   for got, want in zip(conv.batch_norm_matmul(x, scale, bias, 1e-5),
-                       conv.batch_norm_xla(x, scale, bias, 1e-5)):
+                       layers.batch_norm(x, scale, bias, 1e-5)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   got = jax.grad(functools.partial(loss, conv.batch_norm_matmul), (0, 1, 2))(x, scale, bias)
-  want = jax.grad(functools.partial(loss, conv.batch_norm_xla), (0, 1, 2))(x, scale, bias)
+  want = jax.grad(functools.partial(loss, layers.batch_norm), (0, 1, 2))(x, scale, bias)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -518,40 +518,28 @@ def test_matmul_batch_norm_in_a_resnet_block_under_vmap():
   keys = jax.random.split(jax.random.key(0), 3)
   variables = jax.vmap(lambda k: block.init(k, x, train=False))(keys)
 
-  def loss(params, stats):
-    y, new = block.apply({'params': params, 'batch_stats': stats}, x, train=True,
-                         mutable=['batch_stats'])
-    return jnp.sum(jnp.tanh(y)), new['batch_stats']
-
-  one = jax.value_and_grad(loss, has_aux=True)
-  stacked = jax.vmap(one)
   results = {}
-  for mode in ('xla', 'matmul'):
-    with pytest.MonkeyPatch.context() as mp:
-      mp.setenv('DMUE_BATCH_NORM', mode)
-      first = jax.tree.map(lambda a: a[0], variables)
-      results[mode] = (one(first['params'], first['batch_stats']),
-                       stacked(variables['params'], variables['batch_stats']))
+  for mode, norm in (('xla', layers.batch_norm), ('matmul', conv.batch_norm_matmul)):
+    b = block.clone(kernels=layers.Kernels(mode, batch_norm=norm))
+
+    def loss(params, stats, b=b):
+      y, new = b.apply({'params': params, 'batch_stats': stats}, x, train=True,
+                       mutable=['batch_stats'])
+      return jnp.sum(jnp.tanh(y)), new['batch_stats']
+
+    one = jax.value_and_grad(loss, has_aux=True)
+    first = jax.tree.map(lambda a: a[0], variables)
+    results[mode] = (one(first['params'], first['batch_stats']),
+                     jax.vmap(one)(variables['params'], variables['batch_stats']))
   for a, b in zip(jax.tree.leaves(results['matmul']), jax.tree.leaves(results['xla'])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_batch_norm_backend_choice(monkeypatch):
-  monkeypatch.delenv('DMUE_BATCH_NORM', raising=False)
-  assert conv.batch_norm_for_backend('cpu') is conv.batch_norm_matmul
-  assert conv.batch_norm_for_backend('gpu') is conv.batch_norm_xla
-  monkeypatch.setenv('DMUE_BATCH_NORM', 'matmul')
-  assert conv.batch_norm_for_backend('tpu') is conv.batch_norm_matmul
-  monkeypatch.setenv('DMUE_BATCH_NORM', 'fused')
-  with pytest.raises(ValueError, match='xla, matmul'):
-    conv.batch_norm_for_backend('cpu')
 
 
 def test_identity_cond_is_the_identity_in_value_and_gradient():
   """x * 1 is x exactly, so both branches return x: NaN and -0 included, and the gradient is
   passed through unchanged."""
   x = jnp.asarray([[np.nan, -0.0, 1.5], [2.0, -3.0, 1e-30]], jnp.float32)
-  cond = jax.jit(conv._identity_cond)                    # pylint: disable=protected-access
+  cond = jax.jit(conv.identity_cond)
   for anchor in (0.5, np.nan):                           # a NaN anchor takes the other branch
     got = cond(x, jnp.float32(anchor))
     np.testing.assert_array_equal(got, x)
@@ -569,7 +557,7 @@ def _block_train_grads(block, variables, x):
 
 
 @pytest.mark.parametrize('kind', ['basic', 'bottleneck'])
-def test_materialized_block_matches_and_keeps_its_conditionals(monkeypatch, kind):
+def test_materialized_block_matches_and_keeps_its_conditionals(kind):
   """A training block on CPU writes its ReLU outputs through conditionals (2 for 'basic', 3 for
   'bottleneck'): XLA keeps them, which is what stops it fusing the activations into the
   kernel-gradient transposes. Loss, gradients and statistics equal the block without them."""
@@ -577,9 +565,9 @@ def test_materialized_block_matches_and_keeps_its_conditionals(monkeypatch, kind
   block = resnet.Block(4 if kind == 'bottleneck' else 16, kind, stride=2, downsample=True)
   variables = block.init(jax.random.key(1), x, train=False)
   results, conditionals = {}, {}
-  for mode in ('cond', 'off'):
-    monkeypatch.setenv('DMUE_MATERIALIZE', mode)
-    step = _block_train_grads(block, variables, x)
+  for mode, materialize in (('cond', conv.identity_cond), ('off', layers.identity)):
+    step = _block_train_grads(block.clone(kernels=layers.Kernels(mode, materialize=materialize)),
+                              variables, x)
     hlo = step.lower(variables['params']).compile().as_text()
     conditionals[mode] = hlo.count(' conditional(')
     results[mode] = step(variables['params'])
@@ -590,13 +578,14 @@ def test_materialized_block_matches_and_keeps_its_conditionals(monkeypatch, kind
 
 
 _SHARDED_BLOCK = """
-import json
+import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from dmue_jax.models import resnet
+from dmue_jax.models import fast_grads, layers, resnet
+materialize = fast_grads.identity_cond if sys.argv[1] == 'cond' else layers.identity
 mesh = jax.make_mesh((2,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 data = np.random.default_rng(6).normal(size=(4, 8, 8, 16)).astype(np.float32)
 x = jax.device_put(data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
-block = resnet.Block(16, 'basic')
+block = resnet.Block(16, 'basic', kernels=layers.Kernels('test', materialize=materialize))
 variables = block.init(jax.random.key(2), data, train=False)
 def loss(params, x):
   y, _ = block.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
@@ -613,22 +602,11 @@ def test_materialized_block_adds_no_collective_when_sharded():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   counts = {}
   for mode in ('cond', 'off'):
-    env = dict(os.environ, PYTHONPATH=root, DMUE_MATERIALIZE=mode,
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS='cpu',
                XLA_FLAGS='--xla_force_host_platform_device_count=2')
-    proc = subprocess.run([sys.executable, '-c', _SHARDED_BLOCK], cwd=root, env=env,
+    proc = subprocess.run([sys.executable, '-c', _SHARDED_BLOCK, mode], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
   assert counts['cond'][0] > 0 and counts['off'][0] == 0
   assert counts['cond'][1] == counts['off'][1] > 0
-
-
-def test_materialize_backend_choice(monkeypatch):
-  monkeypatch.delenv('DMUE_MATERIALIZE', raising=False)
-  assert conv.materialize_for_backend('cpu') is conv._identity_cond  # pylint: disable=protected-access
-  assert conv.materialize_for_backend('gpu') is conv._identity  # pylint: disable=protected-access
-  monkeypatch.setenv('DMUE_MATERIALIZE', 'cond')
-  assert conv.materialize_for_backend('tpu') is conv._identity_cond  # pylint: disable=protected-access
-  monkeypatch.setenv('DMUE_MATERIALIZE', 'barrier')
-  with pytest.raises(ValueError, match='cond, off'):
-    conv.materialize_for_backend('cpu')
