@@ -1,0 +1,59 @@
+"""Data parallelism divides the work: on 4 CPU devices each device's train step computes about
+a quarter of the one-device step, and only statistics, per-sample vectors and parameters cross
+devices (never a feature map or the image batch). Checked on the compiled program."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+C, K, N, SIZE = 7, 4, 4, 32
+
+
+def compiled_facts(mode, kernels, method='dmue'):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={N}')
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'sharding_worker.py'),
+                         mode, kernels, method], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_divided(facts, feature_dims):
+  assert facts['devices'] == N
+  # The optimiser update is split too (parallel.state_sharding); what stays whole on every
+  # device is the DMUE statistics over the gathered per-sample vectors.
+  assert facts['flops'] <= 0.3 * facts['one_flops'], facts['flops'] / facts['one_flops']
+  assert not facts['one_collectives']
+  # Every convolution runs on this device's C*K/N rows, never on the global C*K (trunk, target
+  # branch) or (C-1)*K (an auxiliary branch).
+  leading = {shape[0] for shape in facts['convolutions']}
+  assert C * K // N in leading and not leading & {C * K, (C - 1) * K}, leading
+  assert C * K in {shape[0] for shape in facts['one_convolutions']}
+  params = {tuple(shape) for shape in facts['param_shapes']}
+  gathered = [shapes for op, shapes in facts['collectives'] if op == 'all-gather']
+  assert gathered
+  for shapes in gathered:
+    for _, dims in shapes:
+      if tuple(dims) in params:
+        continue  # the updated parameters, gathered from their 1/N updates
+      # Otherwise per-sample vectors ([C, k, P] or [C, C-1, k, P]), no map, no image.
+      assert len(dims) <= 4 and dims[-1] in feature_dims and SIZE not in dims, dims
+  for op, shapes in facts['collectives']:
+    assert op in ('all-gather', 'all-reduce'), op
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mode,kernels', [('vmap', 'xla'), ('loop', 'cpu'), ('loop', 'xla')])
+def test_each_device_computes_its_share_of_the_dmue_step(mode, kernels):
+  # Pooled features (D = 128 on the tiny config), logits (C, C-1).
+  assert_divided(compiled_facts(mode, kernels), {128, C, C - 1})
+
+
+@pytest.mark.slow
+def test_each_device_computes_its_share_of_the_baseline_step():
+  assert_divided(compiled_facts('loop', 'xla', 'baseline'), {C})
