@@ -5,18 +5,19 @@ r"""Throughput and FLOP benchmark: the DMUE train step against the plain backbon
   python -m dmue_jax.bench --config configs/affectnet.py --suite accelerator --json  # GPU/TPU
 
 Everything runs on synthetic in-memory batches with the config's model settings (backbone, stem,
-width, pooling, branch mode), after compilation and one warm-up call, and reports the median of
-`--steps` timed calls (each ended by `block_until_ready`). Measurements that are compared with
-each other run interleaved, call by call, so that load from other processes on a shared machine
-hits both sides alike. What is measured:
+width, pooling, branch mode, kernels and dtype, 'auto' resolved for this backend), after
+compilation and one warm-up call, and reports the median of `--steps` timed calls (each ended by
+`block_until_ready`). Measurements that are compared with each other run interleaved, call by
+call, so that load from other processes on a shared machine hits both sides alike. What is
+measured:
 
 * the DMUE train step (`train.make_jitted_steps`, the training loop's own jitted step), and the
-  plain backbone (`resnet.PlainResNet`) with cross-entropy and `optax.adam` on the same batch;
+  plain backbone (`resnet.PlainResNet`, same kernels and dtype) with cross-entropy and
+  `optax.adam` on the same batch;
 * inference of the exported model (`InferenceModel` on `inference_variables`) and of the plain
   backbone, on the same B = C*k images, with at least 40 timed calls each: they are short, and
-  the two are the same network, so their ratio is timing noise that more calls narrow (on the
-  2-core CPU it ranged over 0.90-1.12 with 3 calls, 0.98-1.025 with 15; on 2026-12-05, four
-  windows of 15 out of 60 interleaved calls gave 1.004-1.010 and all 60 gave 0.995);
+  the two are the same network, so their ratio is timing noise that more calls narrow (with 15
+  calls it still ranged over 0.98-1.025 on a 2-core CPU);
 * the full train step with `branch_mode='vmap'` against `'loop'` (`--skip-vmap` skips this);
 * the input pipeline alone (`input_pipeline.measure_throughput`) on synthetic 100x100 uint8
   faces with the config's augmentation;
@@ -26,17 +27,25 @@ hits both sides alike. What is measured:
   forward+backward on its (C-1)k rows; the target layer4 forward+backward on B; each auxiliary
   copy forward only on its k own-class rows, since the latent distribution is detached; the Adam
   update). Heads, neck and losses are left out of it: with the step's bookkeeping they add
-  about 0.3 % for ResNet-18.
+  about 0.3 % for ResNet-18. On several devices XLA counts one device's share of a step.
 
 `--profile` also times those pieces one by one, which shows where the step's time goes. The
 JSON records the load average, XLA_FLAGS and the compiler options (`compiler.options()`),
-because they change CPU timings, and the achieved rate against the chip's peak (`peak_gflops`,
+because they change CPU timings, and the achieved rate against the chips' peak (`peak_gflops`,
 `fraction_of_peak`; null on CPUs and unknown chips unless --peak-tflops gives one device's
 peak).
 
-`--suite accelerator` is the whole GPU/TPU measurement in one command, for machines where
-device time is scarce: 224 px, k = 9 (with configs/affectnet.py, the reference's batch of
-8 x 9 = 72), float32 with both branch modes, then bfloat16.
+`--suite accelerator` checks a GPU/TPU host in one command, for machines where device time is
+scarce. `--batch-per-class` (default 9: with configs/affectnet.py, the reference's batch of
+8 x 9 = 72 on one device) is then per device, and the image size defaults to 224 px:
+
+* full runs (all of the above) on all devices in float32 and in bfloat16, both branch modes;
+* weak scaling: for n = 1, 2, 4, ... local devices (and all of them), the DMUE step on a mesh
+  of the first n with k*n per class, so every device has the same work. Per dtype, branch mode
+  and n: images/s, images/s per device, scaling efficiency = rate(n) / (n * rate(1)) (1.0 is
+  perfect; the collectives cost the rest) and the fraction of the chips' peak;
+* the input pipeline's rate against the fastest step on all local devices
+  (`pipeline_to_step_ratio`; below 1 the host's pipeline, not the step, bounds training).
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ from dmue_jax import input_pipeline
 from dmue_jax import parallel
 from dmue_jax import train
 from dmue_jax.models import dmue as dmue_model
+from dmue_jax.models import fast_grads
 from dmue_jax.models import resnet
 
 # The benchmark never reaches an epoch boundary; only the schedules' first rates are used.
@@ -110,8 +120,8 @@ def _define_flags(fv: flags.FlagValues) -> None:
                                   lock_config=True)
   flags.DEFINE_integer('image-size', None, 'Crop size S (default: the config\'s); the resize '
                        'size is scaled with it.', flag_values=fv)
-  flags.DEFINE_integer('batch-per-class', None, 'k, samples per class (default: the config\'s).',
-                       flag_values=fv)
+  flags.DEFINE_integer('batch-per-class', None, "k, samples per class (default: the config's; "
+                       'with --suite, per device and 9).', flag_values=fv)
   flags.DEFINE_integer('steps', 3, 'Timed calls per measurement; the median is reported.',
                        flag_values=fv)
   flags.DEFINE_integer('pipeline-steps', 10, 'Batches for the input-pipeline measurement.',
@@ -120,17 +130,19 @@ def _define_flags(fv: flags.FlagValues) -> None:
                     flag_values=fv)
   flags.DEFINE_bool('skip-vmap', False, 'Skip the vmap-vs-loop comparison: only the config\'s '
                     'branch mode is timed and the other mode\'s rate is null.', flag_values=fv)
-  flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'Compute dtype (default: the '
-                    'config\'s); parameters stay float32.', flag_values=fv)
+  flags.DEFINE_enum('dtype', None, config_lib.DTYPES, "Compute dtype (default: the config's; "
+                    "'auto' = bfloat16 on GPU/TPU, float32 on CPU); parameters stay float32.",
+                    flag_values=fv)
   flags.DEFINE_bool('profile', False, 'Also time the reference-subset pieces one by one.',
                     flag_values=fv)
   flags.DEFINE_float('peak-tflops', None, 'Peak TFLOP/s of one device for the benchmarked dtype '
                      '(default: a table of common GPUs and TPUs; unknown on CPUs).',
                      flag_values=fv)
-  flags.DEFINE_enum('suite', None, ['accelerator'], "'accelerator': the GPU/TPU run of the "
-                    "README, i.e. the config at 224 px, k=9 (unless given), once in float32 with "
-                    'both branch modes and once in bfloat16; the JSON line then holds both runs '
-                    "under 'float32' and 'bfloat16'.", flag_values=fv)
+  flags.DEFINE_enum('suite', None, ['accelerator'], "'accelerator': the GPU/TPU check of the "
+                    'README: the config at 224 px and k=9 per device (unless given), full runs in '
+                    'float32 and bfloat16 with both branch modes, weak scaling over 1, 2, 4, ... '
+                    'local devices, and the input pipeline against the step; the JSON line holds '
+                    "the runs under 'float32' and 'bfloat16', and 'scaling'.", flag_values=fv)
   flags.DEFINE_bool('fast-compile', False, 'Compile without LLVM optimisation: for smoke tests '
                     'only (FLOP counts stay exact, timings are not representative).',
                     flag_values=fv)
@@ -212,8 +224,10 @@ class Setup:
 
 
 def make_setup(config, *, image_size=None, batch_per_class=None, dtype=None,
-               fast_compile: bool = False) -> Setup:
-  """Applies the overrides to a copy of `config`, validates it and builds a random batch."""
+               fast_compile: bool = False, mesh=None) -> Setup:
+  """Applies the overrides to a copy of `config`, validates it and builds a random batch on
+  `mesh` (default: every device). The dtype is resolved ('auto' -> this backend's), so that
+  the plain backbone and the peak table see the one the step runs in."""
   config = config.copy_and_resolve_references()
   if image_size is not None:
     # Keep the config's resize/crop ratio (reference 256/224), so the augmentation is the same.
@@ -222,16 +236,17 @@ def make_setup(config, *, image_size=None, batch_per_class=None, dtype=None,
     config.input.resize_size = int(round(image_size * ratio))
   if batch_per_class is not None:
     config.input.batch_per_class = batch_per_class
-  if dtype is not None:
-    config.model.dtype = dtype
+  config.model.dtype = config_lib.resolve_dtype(dtype or config.model.dtype)
   config.dmue.enabled = True
   config_lib.validate(config)
   c, k, s = config.model.num_classes, config.input.batch_per_class, config.input.image_size
-  parallel.check_divisible(k, c * k)  # the grouped batch splits on k, the flat one on B
+  mesh = mesh if mesh is not None else parallel.make_mesh()
+  if k % mesh.size:  # the grouped batch splits on k (and so the flat one on B = C*k)
+    raise config_lib.ConfigError(f'batch_per_class={k} cannot be split over {mesh.size} '
+                                 f'devices: use a multiple of {mesh.size}.')
   rng = np.random.default_rng(0)
   images = rng.standard_normal((c, k, s, s, 3), dtype=np.float32)
   labels = np.repeat(np.arange(c, dtype=np.int32)[:, None], k, axis=1)
-  mesh = parallel.make_mesh()
   batch = jax.device_put({'image': images, 'label': labels}, parallel.train_batch_sharding(mesh))
   flat = jax.device_put(images.reshape((c * k, s, s, 3)), parallel.eval_batch_sharding(mesh))
   flat_labels = jax.device_put(labels.reshape(-1), parallel.eval_batch_sharding(mesh))
@@ -290,10 +305,13 @@ def dmue_train_step(setup: Setup, config) -> tuple[_Stepper, float]:
 
 
 def plain_model(config) -> resnet.PlainResNet:
+  """The plain backbone with the DMUE model's kernels and dtype, so that the two compare."""
   m = config.model
   return resnet.PlainResNet(num_classes=m.num_classes, backbone=m.backbone, width=m.width,
                             stem=config_lib.resolve_stem(m.stem, m.backbone),
-                            last_stride=m.last_stride, dtype=jnp.dtype(m.dtype))
+                            last_stride=m.last_stride,
+                            dtype=jnp.dtype(config_lib.resolve_dtype(m.dtype)),
+                            kernels=fast_grads.select(m.kernels))
 
 
 def plain_variables(setup: Setup):
@@ -433,7 +451,8 @@ def run(config, *, image_size=None, batch_per_class=None, steps: int = 3,
         pipeline_steps: int = 10, skip_vmap: bool = False, dtype=None,
         profile: bool = False, fast_compile: bool = False,
         peak: float | None = None) -> dict:
-  """Runs every measurement; returns the results dict (see the module docstring)."""
+  """Runs every measurement on all devices; returns the results dict (see the module
+  docstring). pipeline_steps=0 leaves the input pipeline out (null)."""
   if steps < 1:
     raise config_lib.ConfigError(f'--steps={steps} must be at least 1.')
   load_start = os.getloadavg()[0]
@@ -441,6 +460,7 @@ def run(config, *, image_size=None, batch_per_class=None, steps: int = 3,
                      dtype=dtype, fast_compile=fast_compile)
   config = setup.config
   b = setup.batch_size
+  devices = setup.mesh.size
   mode = resolved_branch_mode(config)
   other = 'vmap' if mode == 'loop' else 'loop'
 
@@ -449,9 +469,11 @@ def run(config, *, image_size=None, batch_per_class=None, steps: int = 3,
   _note('compiling the plain-backbone train step')
   plain_step, plain_flops = plain_train_step(setup)
   train_calls = {mode: dmue_step, 'plain': plain_step}
+  mode_flops = {mode: flops}
   if not skip_vmap:
     _note(f'compiling the DMUE train step ({other})')
-    train_calls[other], _ = dmue_train_step(setup, with_branch_mode(config, other))
+    train_calls[other], mode_flops[other] = dmue_train_step(setup,
+                                                            with_branch_mode(config, other))
   _note(f'timing the train steps ({", ".join(train_calls)})')
   train_times = _interleaved_medians(train_calls, steps)
 
@@ -464,6 +486,7 @@ def run(config, *, image_size=None, batch_per_class=None, steps: int = 3,
   pieces = reference_pieces(setup, train_variables)
   reference_flops = sum(p.times * p.flops for p in pieces)
   mode_rate = lambda m: b / train_times[m] if m in train_times else None
+  # XLA counts one device's share of a sharded step; the achieved rate is all devices'.
   results = {
       'train_images_per_second': b / train_times[mode],
       'plain_backbone_train_images_per_second': b / train_times['plain'],
@@ -471,15 +494,18 @@ def run(config, *, image_size=None, batch_per_class=None, steps: int = 3,
       'plain_backbone_inference_images_per_second': b / infer_times['plain'],
       'inference_overhead_vs_plain_backbone': infer_times['dmue'] / infer_times['plain'],
       'flops_per_step': flops,
-      'achieved_gflops': flops / train_times[mode] / 1e9,
+      'achieved_gflops': flops * devices / train_times[mode] / 1e9,
       'plain_backbone_flops_per_step': plain_flops,
       'flops_ratio_vs_plain_backbone': flops / plain_flops,
       'reference_subset_flops_per_step': reference_flops,
       'flops_ratio_vs_reference_subsets': flops / reference_flops,
       'vmap_images_per_second': mode_rate('vmap'),
       'loop_images_per_second': mode_rate('loop'),
+      'vmap_flops_per_step': mode_flops.get('vmap'),
+      'loop_flops_per_step': mode_flops.get('loop'),
       'input_pipeline_images_per_second': None,
       'branch_mode': mode,
+      'kernels': train.resolved_settings(config)['kernels'],
       'train_step_seconds': train_times[mode],
       'plain_backbone_train_step_seconds': train_times['plain'],
       'backbone': config.model.backbone,
@@ -490,6 +516,7 @@ def run(config, *, image_size=None, batch_per_class=None, steps: int = 3,
       'dtype': config.model.dtype,
       'steps': steps,
       'device': f'{jax.device_count()}x {jax.devices()[0].device_kind}',
+      'devices': devices,
       'platform': jax.default_backend(),
       'host_cpus': os.cpu_count(),
       'jax_version': jax.__version__,
@@ -498,8 +525,9 @@ def run(config, *, image_size=None, batch_per_class=None, steps: int = 3,
       'fast_compile': fast_compile,
       'load_average_start': load_start,
   }
-  _note('timing the input pipeline')
-  results['input_pipeline_images_per_second'] = pipeline_rate(setup, pipeline_steps)
+  if pipeline_steps > 0:
+    _note('timing the input pipeline')
+    results['input_pipeline_images_per_second'] = pipeline_rate(setup, pipeline_steps)
   if profile:
     _note('timing the pieces')
     piece_times = _interleaved_medians({p.name: p.call for p in pieces}, steps)
@@ -514,40 +542,181 @@ def run(config, *, image_size=None, batch_per_class=None, steps: int = 3,
   return results
 
 
+def device_peak_tflops(dtype: str, peak: float | None = None) -> float | None:
+  """One device's peak TFLOP/s in `dtype`: `peak` where given, else this chip's from the table;
+  None where unknown."""
+  per_device = peak if peak is not None else peak_tflops(jax.devices()[0].device_kind, dtype)
+  return per_device if per_device is not None and per_device > 0 else None
+
+
 def add_peak_fraction(results: dict, peak: float | None = None) -> None:
-  """Adds peak_gflops (all devices together) and fraction_of_peak (achieved / peak), or None
-  for both where the chip's peak is unknown. `peak`: one device's TFLOP/s, overriding the
+  """Adds peak_gflops (the run's devices together) and fraction_of_peak (achieved / peak), or
+  None for both where the chip's peak is unknown. `peak`: one device's TFLOP/s, overriding the
   table."""
-  kind = jax.devices()[0].device_kind
-  per_device = peak if peak is not None else peak_tflops(kind, results['dtype'])
-  if per_device is None or per_device <= 0:
+  per_device = device_peak_tflops(results['dtype'], peak)
+  if per_device is None:
     results['peak_gflops'] = results['fraction_of_peak'] = None
     return
-  results['peak_gflops'] = per_device * 1e3 * jax.device_count()
+  results['peak_gflops'] = per_device * 1e3 * results.get('devices', jax.device_count())
   results['fraction_of_peak'] = results['achieved_gflops'] / results['peak_gflops']
 
 
-# The accelerator run the issue asks for: the reference's AffectNet batch (8 classes x 9).
+# ------------------------------------------------------------------ the accelerator suite
+# The reference's AffectNet batch (8 classes x 9), per device.
 ACCELERATOR_IMAGE_SIZE = 224
 ACCELERATOR_BATCH_PER_CLASS = 9
+SUITE_DTYPES = ('float32', 'bfloat16')
+SUITE_MODES = ('vmap', 'loop')
 
 
-def run_accelerator_suite(config, *, image_size=None, batch_per_class=None, **kwargs) -> dict:
-  """float32 (both branch modes) then bfloat16 (the config's mode) at 224 px, k=9 by default.
+def device_counts(total: int) -> list[int]:
+  """The meshes the scaling part measures: 1, 2, 4, ... up to `total`, and `total` itself."""
+  if total < 1:
+    raise ValueError(f'need at least one device, not {total}')
+  counts = [1]
+  while counts[-1] * 2 <= total:
+    counts.append(counts[-1] * 2)
+  return counts if counts[-1] == total else counts + [total]
 
-  Returns {'float32': results, 'bfloat16': results, 'bfloat16_speedup': ratio of train rates}.
+
+def _num_local_devices() -> int:
+  return jax.local_device_count()
+
+
+def local_mesh(n: int) -> jax.sharding.Mesh:
+  """A mesh over this process's first n devices."""
+  return jax.sharding.Mesh(np.array(jax.local_devices()[:n]), (parallel.AXIS,))
+
+
+def scaling_entry(*, dtype, branch_mode, devices, kernels, batch_size, step_seconds,
+                  flops_per_step) -> dict:
+  """One measured scaling point; flops_per_step is one device's share, as XLA counts it."""
+  return {'dtype': dtype, 'branch_mode': branch_mode, 'devices': devices, 'kernels': kernels,
+          'batch_size': batch_size, 'step_seconds': step_seconds,
+          'images_per_second': batch_size / step_seconds, 'flops_per_step': flops_per_step}
+
+
+def time_train_steps(config, *, devices: int, image_size: int, batch_per_class: int,
+                     dtype: str, modes: Sequence[str], steps: int,
+                     fast_compile: bool = False) -> list[dict]:
+  """The DMUE step on the first `devices` local devices with batch_per_class * devices per
+  class (weak scaling), once per branch mode, timed interleaved: one scaling entry per mode."""
+  setup = make_setup(config, image_size=image_size, batch_per_class=batch_per_class * devices,
+                     dtype=dtype, fast_compile=fast_compile, mesh=local_mesh(devices))
+  steppers, flops = {}, {}
+  for mode in modes:
+    _note(f'scaling: compiling the DMUE train step ({dtype}, {mode}, n={devices})')
+    steppers[mode], flops[mode] = dmue_train_step(setup, with_branch_mode(setup.config, mode))
+  _note(f'scaling: timing {", ".join(modes)} on n={devices}')
+  times = _interleaved_medians(steppers, steps)
+  kernels = train.resolved_settings(setup.config)['kernels']
+  return [scaling_entry(dtype=dtype, branch_mode=mode, devices=devices, kernels=kernels,
+                        batch_size=setup.batch_size, step_seconds=times[mode],
+                        flops_per_step=flops[mode]) for mode in modes]
+
+
+def entries_from_run(results: dict) -> list[dict]:
+  """The scaling entries a full run already measured: its devices, each branch mode it timed."""
+  b = results['num_classes'] * results['batch_per_class']
+  return [scaling_entry(dtype=results['dtype'], branch_mode=mode, devices=results['devices'],
+                        kernels=results['kernels'], batch_size=b,
+                        step_seconds=b / results[f'{mode}_images_per_second'],
+                        flops_per_step=results[f'{mode}_flops_per_step'])
+          for mode in SUITE_MODES if results.get(f'{mode}_images_per_second')]
+
+
+def measure_scaling(config, *, image_size: int, batch_per_class: int, steps: int,
+                    dtypes: Sequence[str] = SUITE_DTYPES, modes: Sequence[str] = SUITE_MODES,
+                    fast_compile: bool = False, measured: Sequence[dict] = ()) -> list[dict]:
+  """Weak scaling over `device_counts(local devices)`: one entry per dtype, branch mode and
+  device count, in that order. Points in `measured` (the suite's full runs) are reused, not
+  compiled again."""
+  counts = device_counts(_num_local_devices())
+  entries = [e for e in measured if e['dtype'] in dtypes and e['branch_mode'] in modes and
+             e['devices'] in counts]
+  have = {(e['dtype'], e['branch_mode'], e['devices']) for e in entries}
+  for dtype in dtypes:
+    for n in counts:
+      todo = [m for m in modes if (dtype, m, n) not in have]
+      if todo:
+        entries += time_train_steps(config, devices=n, image_size=image_size,
+                                    batch_per_class=batch_per_class, dtype=dtype, modes=todo,
+                                    steps=steps, fast_compile=fast_compile)
+  entries.sort(key=lambda e: (dtypes.index(e['dtype']), modes.index(e['branch_mode']),
+                              e['devices']))
+  return entries
+
+
+def add_scaling_figures(entries: list[dict], peak: float | None = None) -> list[dict]:
+  """Adds per_device_images_per_second; scaling_efficiency = rate(n) / (n * rate(1)) against
+  the one-device point of the same dtype and branch mode (None without one); fraction_of_peak,
+  one device's FLOP rate over one device's peak (None where the peak is unknown)."""
+  one = {(e['dtype'], e['branch_mode']): e['images_per_second']
+         for e in entries if e['devices'] == 1}
+  for e in entries:
+    n, rate = e['devices'], e['images_per_second']
+    rate_1 = one.get((e['dtype'], e['branch_mode']))
+    e['per_device_images_per_second'] = rate / n
+    e['scaling_efficiency'] = rate / (n * rate_1) if rate_1 else None
+    per_device = device_peak_tflops(e['dtype'], peak)
+    flops = e['flops_per_step']
+    known = per_device is not None and flops is not None and math.isfinite(flops)
+    e['fraction_of_peak'] = flops / e['step_seconds'] / (per_device * 1e12) if known else None
+  return entries
+
+
+def pipeline_vs_step(pipeline_rate: float | None, scaling: Sequence[dict], devices: int) -> dict:
+  """The input pipeline against the fastest step on `devices` devices: a ratio above 1 means
+  the pipeline keeps up and the step bounds training; below 1 the pipeline bounds it."""
+  fastest = max((e for e in scaling if e['devices'] == devices),
+                key=lambda e: e['images_per_second'], default=None)
+  ratio = (pipeline_rate / fastest['images_per_second']
+           if pipeline_rate is not None and fastest is not None else None)
+  return {
+      'pipeline_images_per_second': pipeline_rate,
+      'pipeline_to_step_ratio': ratio,
+      'bound_by': None if ratio is None else 'input pipeline' if ratio < 1 else 'train step',
+      'fastest_step': None if fastest is None else {
+          k: fastest[k] for k in ('dtype', 'branch_mode', 'devices', 'images_per_second')},
+  }
+
+
+def run_accelerator_suite(config, *, image_size=None, batch_per_class=None, steps: int = 3,
+                          pipeline_steps: int = 10, fast_compile: bool = False,
+                          peak: float | None = None, **kwargs) -> dict:
+  """The GPU/TPU check (module docstring): full runs in float32 and bfloat16 with both branch
+  modes on all devices, weak scaling over the local devices, the pipeline against the step.
+
+  batch_per_class is per device (default 9), image_size defaults to 224. Returns {'float32':
+  run, 'bfloat16': run, 'bfloat16_speedup', 'scaling': [...], 'pipeline_images_per_second',
+  'pipeline_to_step_ratio', 'bound_by', ...}.
   """
   kwargs.pop('dtype', None)
   kwargs.pop('skip_vmap', None)
   size = image_size or ACCELERATOR_IMAGE_SIZE
   k = batch_per_class or ACCELERATOR_BATCH_PER_CLASS
   out = {}
-  for dtype, skip_vmap in (('float32', False), ('bfloat16', True)):
+  for dtype in SUITE_DTYPES:
     _note(f'accelerator suite: {dtype}')
-    out[dtype] = run(config, image_size=size, batch_per_class=k, dtype=dtype,
-                     skip_vmap=skip_vmap, **kwargs)
+    # The pipeline is host work, the same for either dtype: timed once.
+    out[dtype] = run(config, image_size=size, batch_per_class=k * jax.device_count(),
+                     dtype=dtype, skip_vmap=False, steps=steps,
+                     pipeline_steps=pipeline_steps if dtype == SUITE_DTYPES[0] else 0,
+                     fast_compile=fast_compile, peak=peak, **kwargs)
   out['bfloat16_speedup'] = (out['bfloat16']['train_images_per_second'] /
                              out['float32']['train_images_per_second'])
+  local = _num_local_devices()
+  measured = [e for dtype in SUITE_DTYPES for e in entries_from_run(out[dtype])
+              if e['devices'] == local]
+  scaling = measure_scaling(config, image_size=size, batch_per_class=k, steps=steps,
+                            fast_compile=fast_compile, measured=measured)
+  out['scaling'] = add_scaling_figures(scaling, peak)
+  out.update(pipeline_vs_step(out['float32']['input_pipeline_images_per_second'], scaling,
+                              local))
+  out.update({'device_kind': jax.devices()[0].device_kind, 'num_local_devices': local,
+              'num_devices': jax.device_count(), 'batch_per_class_per_device': k,
+              'image_size': size,
+              'kernels': {dtype: out[dtype]['kernels'] for dtype in SUITE_DTYPES}})
   return out
 
 
@@ -559,7 +728,7 @@ def format_table(r: dict) -> str:
   lines = [
       f'DMUE benchmark: {r["backbone"]} ({r["stem"]} stem), C={r["num_classes"]}, '
       f'k={r["batch_per_class"]} (B={b}), {r["image_size"]} px, {r["dtype"]}, '
-      f'{r["device"]}, JAX {r["jax_version"]}',
+      f'{r["kernels"]} kernels, {r["device"]}, JAX {r["jax_version"]}',
       f'load average {r["load_average_start"]:.2f} -> {r["load_average_end"]:.2f}; '
       f'XLA_FLAGS={r["xla_flags"]!r}; compiler options {r["compiler_options"]}',
       f'{"":44}{"img/s":>10}{"GFLOP":>10}{"GFLOP/s":>10}',
@@ -593,12 +762,41 @@ def format_table(r: dict) -> str:
   return '\n'.join(lines)
 
 
+def format_suite(r: dict) -> str:
+  """The accelerator suite's scaling and pipeline figures as a readable table."""
+  opt = lambda x, fmt, width: f'{x:{width}{fmt}}' if x is not None else f'{"-":>{width}}'
+  lines = [
+      f'weak scaling on {r["num_local_devices"]} local {r["device_kind"]} device(s): '
+      f'k={r["batch_per_class_per_device"]} per class per device, {r["image_size"]} px',
+      f'{"dtype":10}{"mode":6}{"devices":>8}{"kernels":>8}{"img/s":>11}{"img/s/dev":>11}'
+      f'{"efficiency":>11}{"of peak":>9}',
+  ]
+  for e in r['scaling']:
+    lines.append(f'{e["dtype"]:10}{e["branch_mode"]:6}{e["devices"]:8d}{e["kernels"]:>8}'
+                 f'{e["images_per_second"]:11.1f}{e["per_device_images_per_second"]:11.1f}'
+                 f'{opt(e["scaling_efficiency"], ".3f", 11)}'
+                 f'{opt(e["fraction_of_peak"], ".1%", 9)}')
+  fastest, ratio = r['fastest_step'], r['pipeline_to_step_ratio']
+  if ratio is None:
+    lines.append('input pipeline not measured')
+  else:
+    bound = ('the train step bounds training (the pipeline keeps up)' if ratio >= 1 else
+             'the input pipeline bounds training (it cannot feed the step)')
+    lines.append(f'input pipeline {r["pipeline_images_per_second"]:.1f} img/s, fastest step '
+                 f'({fastest["dtype"]}, {fastest["branch_mode"]}, {fastest["devices"]} devices) '
+                 f'{fastest["images_per_second"]:.1f} img/s: pipeline/step = {ratio:.2f}, '
+                 f'{bound}')
+  return '\n'.join(lines)
+
+
 def _json_safe(value):
   """NaN/inf are not JSON; report them as null."""
   if isinstance(value, float) and not math.isfinite(value):
     return None
   if isinstance(value, dict):
     return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
   return value
 
 
@@ -626,6 +824,7 @@ def main(argv: Sequence[str]) -> dict:
     for dtype in ('float32', 'bfloat16'):
       print(format_table(results[dtype]), flush=True)
     print(f'bfloat16 / float32 train step rate: {results["bfloat16_speedup"]:.2f}x', flush=True)
+    print(format_suite(results), flush=True)
   else:
     print(format_table(results), flush=True)
   if fv.json:

@@ -39,6 +39,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.input = ml_collections.ConfigDict()
   config.input.dataset = 'rafdb'
   config.input.data_dir = ''          # manual dir holding the downloaded dataset
+  # The split evaluated during and after training: 'test', or 'validation' where the dataset
+  # has one (FERPlus: PublicTest; folder: <data_dir>/validation/), for model selection.
+  config.input.eval_split = 'test'
+  # AffectNet faces: 'landmarks' aligns each face from its 68 CSV landmarks as the reference
+  # aligns its faces; 'box' crops the CSV face box (no margin, no alignment).
+  config.input.affectnet_align = 'landmarks'
   config.input.cache_dir = ''         # where prepared TFDS files go; '' = <data_dir>/tfds
   config.input.image_size = 224       # crop size fed to the network
   config.input.resize_size = 256      # resize before the crop (reference: 256 -> 224)
@@ -71,7 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Layer implementations: 'auto' = the CPU kernels (custom gradients for XLA:CPU) on a CPU
   # backend, XLA's own elsewhere; 'xla' or 'cpu' to force one (fast_grads.resolve).
   config.model.kernels = 'auto'
-  config.model.init_from = ''         # official torch weights to start from ('' = random)
+  # Official torch weights to start from (the MS-Celeb-1M ResNet-18 for the paper's runs), or
+  # 'scratch' for random weights. The dataset configs require it (check_init_from); '' is
+  # random weights only for SynthFER.
+  config.model.init_from = ''
 
   config.dmue = ml_collections.ConfigDict()
   config.dmue.enabled = True          # False = plain cross-entropy baseline, same pipeline
@@ -125,8 +134,14 @@ def resolve_dtype(dtype: str, backend: str | None = None) -> str:
   return 'float32' if (backend or jax.default_backend()) == 'cpu' else 'bfloat16'
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the field when a value cannot work."""
+def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) -> None:
+  """Raises ConfigError naming the field when a value cannot work.
+
+  Args:
+    config: the full config.
+    for_training: also check what only starting a training run needs (`check_init_from`).
+      Commands that read a finished run's config or build no weights pass False.
+  """
   m, i, d = config.model, config.input, config.dmue
   if m.backbone not in BACKBONES:
     raise ConfigError(f'config.model.backbone={m.backbone!r} is unknown; choose one of '
@@ -170,6 +185,115 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       'usable cores) or a positive number of threads.')
   if config.num_epochs < 1:
     raise ConfigError(f'config.num_epochs={config.num_epochs} must be at least 1.')
+  _check_input_protocol(i)
+  if for_training:
+    check_init_from(config)
+
+
+# The datasets whose eval split may be 'validation' (a folder dataset needs the folder too).
+_HAS_VALIDATION = ('ferplus', 'folder')
+
+
+def _check_input_protocol(i: ml_collections.ConfigDict) -> None:
+  if i.eval_split not in ('test', 'validation'):
+    raise ConfigError(f"config.input.eval_split={i.eval_split!r}: use 'test' or 'validation'.")
+  if i.eval_split == 'validation' and i.dataset not in _HAS_VALIDATION:
+    raise ConfigError(f"config.input.eval_split='validation': {i.dataset} has no validation "
+                      f"split (only {', '.join(_HAS_VALIDATION)} have one); use 'test'.")
+  if i.affectnet_align not in ('landmarks', 'box'):
+    raise ConfigError(f"config.input.affectnet_align={i.affectnet_align!r}: use 'landmarks' "
+                      "or 'box'.")
+
+
+# What the paper's runs start from, as the authors' config.py names it, and where their
+# README links it.
+PRETRAINED_FILE = 'mv_epoch_17.pt'
+PRETRAINED_README = ('https://github.com/JDAI-CV/FaceX-Zoo/tree/main/addition_module/DMUE'
+                     '#pre-training')
+
+
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError when a real-dataset run does not say what it starts from.
+
+  The paper's accuracy needs the MS-Celeb-1M backbone; from random weights the same
+  schedule learns far less, so an empty `model.init_from` must not quietly mean random
+  weights. SynthFER (configs/default.py) trains from scratch by design.
+  """
+  dataset = config.input.dataset
+  if config.model.init_from or dataset == 'synthfer':
+    return
+  raise ConfigError(
+      f'config.model.init_from is not set, and configs/{dataset}.py needs it: the paper starts '
+      'from the ResNet-18 pretrained on MS-Celeb-1M that the authors publish with their code '
+      f"(their config.py loads it as pretrain/checkpoints/out_dir_res18/{PRETRAINED_FILE}; the "
+      'Pre-training section of the FaceX-Zoo DMUE README links it, '
+      f'{PRETRAINED_README}). Their DMUE snapshots load too. Pass '
+      f'--config.model.init_from=/path/to/{PRETRAINED_FILE}, or '
+      '--config.model.init_from=scratch to train from random weights on purpose.')
+
+
+# configs/default.py's from-scratch SynthFER settings, for 12 epochs; scaled to the run's.
+SCRATCH_EPOCHS = 12
+SCRATCH_LR = ((8, 1e-3), (11, 3e-4), (100, 1e-4))
+SCRATCH_PUE_LR = ((8, 3e-3), (11, 1e-3), (100, 3e-4))
+SCRATCH_GAMMA = 100.0
+SCRATCH_RAMP_A = 4.0
+SCRATCH_STEM = 'standard'
+
+
+def _scaled_schedule(schedule, num_epochs: int) -> tuple[tuple[int, float], ...]:
+  factor = num_epochs / SCRATCH_EPOCHS
+  return tuple((max(1, round(end * factor)), lr) for end, lr in schedule)
+
+
+def _user_set(name: str, user_overrides: set[str]) -> bool:
+  """Whether the user set the field `name` ('dmue.gamma') or a section holding it."""
+  return any(name == o or name.startswith(o + '.') for o in user_overrides)
+
+
+def apply_scratch_defaults(config: ml_collections.ConfigDict,
+                           user_overrides: set[str]) -> list[str]:
+  """Switches a dataset config's reference settings to from-scratch ones for init_from=scratch.
+
+  The reference rates, gamma and ramp are tuned for fine-tuning the MS-Celeb-1M backbone;
+  from random weights they barely move it, and gamma = 1000 lets the similarity term
+  dominate while the features are still random. So, unless the user set the field, this
+  applies configs/default.py's SynthFER settings: its schedules with the epoch boundaries
+  scaled from 12 epochs to config.num_epochs, gamma 100, ramp_a 4 scaled the same way, and
+  the standard stem (the reference stem exists to match the pretrained weights). Nothing
+  changes for SynthFER or when the run starts from a file.
+
+  Args:
+    config: the config after the command-line overrides (changed in place).
+    user_overrides: dotted names, relative to config, of the fields the user set; main.py
+      passes the --config.* flags given on the command line,
+      `set(config_flags.get_override_values(FLAGS['config']))`, e.g. {'dmue.gamma'}.
+
+  Returns:
+    One line per changed field ('dmue.gamma: 1000.0 -> 100.0 (...)'), for the log.
+  """
+  if config.model.init_from != 'scratch' or config.input.dataset == 'synthfer':
+    return []
+  epochs = config.num_epochs
+  scratch = {
+      'optim.backbone_lr': _scaled_schedule(SCRATCH_LR, epochs),
+      'optim.head_lr': _scaled_schedule(SCRATCH_LR, epochs),
+      'optim.pue_lr': _scaled_schedule(SCRATCH_PUE_LR, epochs),
+      'dmue.gamma': SCRATCH_GAMMA,
+      'dmue.ramp_a': SCRATCH_RAMP_A * epochs / SCRATCH_EPOCHS,
+      'model.stem': SCRATCH_STEM,
+  }
+  changed = []
+  for name, value in scratch.items():
+    section, field = name.split('.')
+    old = config[section][field]
+    if _user_set(name, user_overrides) or old == value:
+      continue
+    config[section][field] = value
+    changed.append(f'{name}: {old!r} -> {value!r} (init_from=scratch: the from-scratch '
+                   f'setting of configs/default.py for {epochs} epochs; set --config.{name} '
+                   'to keep another value)')
+  return changed
 
 
 def paper_behaviour(config: ml_collections.ConfigDict) -> None:
@@ -199,6 +323,9 @@ def shrink_for_laptop(config: ml_collections.ConfigDict) -> None:
   config.input.resize_size = 128
   config.input.batch_per_class = 2
   config.model.backbone = 'resnet18_narrow'
+  # A try-out needs no download; --config.model.init_from (applied after this) still wins.
+  if not config.model.init_from:
+    config.model.init_from = 'scratch'
 
 
 # The variants every dataset config offers after the ":" of --config.

@@ -34,6 +34,7 @@ from dmue_jax import metrics as metrics_lib
 from dmue_jax import parallel
 from dmue_jax.errors import UserError
 from dmue_jax.models import dmue as dmue_model
+from dmue_jax.models import fast_grads
 
 Variables = dict[str, Any]
 
@@ -505,8 +506,16 @@ def make_jitted_steps(config, mesh, steps_per_epoch: int):
   return p_train, p_eval
 
 
+def resolved_settings(config) -> dict:
+  """What the config's 'auto' settings became on this backend (results.json, checkpoint meta)."""
+  return {'kernels': fast_grads.resolve(config.model.kernels),
+          'dtype': config_lib.resolve_dtype(config.model.dtype),
+          'branch_mode': make_model(config).branch_mode}
+
+
 def _meta(config, data: RunData, step: int) -> dict:
-  return {'step': int(step), 'epoch': int(step // data.steps_per_epoch),
+  return {**resolved_settings(config),
+          'step': int(step), 'epoch': int(step // data.steps_per_epoch),
           'steps_per_epoch': data.steps_per_epoch, 'seed': int(config.seed),
           'class_names': list(data.splits.class_names),
           'num_classes': int(config.model.num_classes), 'dmue': bool(config.dmue.enabled),
@@ -612,7 +621,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {**last_eval, 'steps': int(total_steps), 'epochs': int(config.num_epochs),
              'steps_per_epoch': spe, 'train_images_per_second': timer.rate(),
              'class_names': list(data.splits.class_names), 'dmue': bool(config.dmue.enabled),
-             'num_devices': jax.device_count(), 'num_processes': jax.process_count()}
+             'num_devices': jax.device_count(), 'num_processes': jax.process_count(),
+             **resolved_settings(config)}
   if is_main:
     metrics_lib.write_json(os.path.join(workdir, 'results.json'), results)
     metrics_lib.plot_confusion_matrix(np.asarray(results['confusion_matrix']),

@@ -30,6 +30,9 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='dmue_xla_cache_')
 jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+# On a GPU, float32 matrix products may run in TF32 (10 mantissa bits); the tests compare
+# float32 results at float32 tolerances, so they ask for full precision.
+jax.config.update('jax_default_matmul_precision', 'highest')
 
 SYNTHFER_CLASSES = ('Surprise', 'Fear', 'Disgust', 'Happiness', 'Sadness', 'Anger', 'Neutral')
 

@@ -27,8 +27,10 @@ SIZE = 48
 RTOL, ATOL = 1e-4, 1e-5
 
 
-def make_config(num_classes, backbone='resnet18_narrow', width=64, branch_mode='loop'):
+def make_config(num_classes, backbone='resnet18_narrow', width=64, branch_mode='loop',
+                kernels='auto'):
   config = rafdb.get_config()
+  config.model.kernels = kernels
   config.model.backbone = backbone
   config.model.width = width
   config.model.num_classes = num_classes
@@ -204,12 +206,15 @@ def _our_terms_and_stats(config, variables, images, labels, epochs, via_loss_ter
 
 
 # 'vmap' branches compile in half the time of 'loop'; train_test checks that both agree.
-@pytest.mark.parametrize('num_classes,k,epochs,via_loss_terms', [
-    (7, 2, (3, 10), False),
-    (8, 3, (0, 12), True),
+# Both kernel sets: XLA's (what a GPU or TPU runs) and the CPU kernels.
+@pytest.mark.parametrize('num_classes,k,epochs,via_loss_terms,kernels', [
+    (7, 2, (3, 10), False, 'cpu'),
+    (8, 3, (0, 12), True, 'cpu'),
+    (7, 2, (3, 10), False, 'xla'),
 ])
-def test_losses_and_running_stats_match_reference(num_classes, k, epochs, via_loss_terms):
-  config = make_config(num_classes, branch_mode='vmap')
+def test_losses_and_running_stats_match_reference(num_classes, k, epochs, via_loss_terms,
+                                                  kernels):
+  config = make_config(num_classes, branch_mode='vmap', kernels=kernels)
   alpha = config.dmue.ramp_a
   assert epochs[0] < alpha <= epochs[1]   # one epoch before ramp_a, one at or after it
   net = reference_model(config, seed=num_classes)

@@ -206,7 +206,7 @@ def test_affectnet_classes_crops_and_dropped_codes(tmp_path):
   cache_dir = str(tmp_path / 'cache')
 
   splits = datasets.load(input_config(dataset='affectnet', data_dir=data_dir,
-                                      cache_dir=cache_dir))
+                                      cache_dir=cache_dir, affectnet_align='box'))
   assert len(splits.class_names) == 8 and splits.class_names[7] == 'Contempt'
   np.testing.assert_array_equal(datasets.train_labels(splits), [0, 1, 7, 6, 3])
   assert len(splits.test) == 8
@@ -217,7 +217,7 @@ def test_affectnet_classes_crops_and_dropped_codes(tmp_path):
   assert not splits.has_distribution
 
   splits7 = datasets.load(input_config(dataset='affectnet7', data_dir=data_dir,
-                                       cache_dir=cache_dir))
+                                       cache_dir=cache_dir, affectnet_align='box'))
   assert len(splits7.class_names) == 7 and 'Contempt' not in splits7.class_names
   np.testing.assert_array_equal(datasets.train_labels(splits7), [0, 1, 6, 3])
   assert [splits7.test[i]['label'] for i in range(len(splits7.test))] == list(range(7))
@@ -227,7 +227,8 @@ def test_affectnet_box_outside_the_image_is_skipped(tmp_path, caplog):
   rows = [('1/a.png', (5, 4, 20, 24), 1), ('1/b.png', (500, 400, 20, 20), 2)]
   data_dir = make_affectnet(tmp_path / 'affectnet', rows, rows[:1])
   with caplog.at_level(logging.WARNING):
-    splits = datasets.load(input_config(dataset='affectnet', data_dir=data_dir))
+    splits = datasets.load(input_config(dataset='affectnet', data_dir=data_dir,
+                                        affectnet_align='box'))
   assert splits.num_skipped == 1 and len(splits.train) == 1
   assert 'b.png' in caplog.text
 
@@ -307,10 +308,12 @@ def test_ferplus_builder(tmp_path, caplog):
   image = splits.train[1]['image']
   assert image.shape == (48, 48, 3) and (image == 30).all()  # lossless, grey in 3 channels
   np.testing.assert_allclose(splits.train[1]['distribution'], [0, 1, 0, 0, 0, 0, 0, 0])
-  assert len(splits.test) == 1 and splits.test[0]['label'] == 2
-  np.testing.assert_allclose(splits.test[0]['distribution'], [0, 0, 0.8, 0.2, 0, 0, 0, 0])
-  private = splits.extra['private']
-  assert len(private) == 1 and private[0]['label'] == 7
+  # The FER+ convention: PrivateTest is the test split, PublicTest the validation split.
+  assert splits.eval_split == 'test'
+  assert len(splits.test) == 1 and splits.test[0]['label'] == 7
+  validation = splits.extra['validation']
+  assert len(validation) == 1 and validation[0]['label'] == 2
+  np.testing.assert_allclose(validation[0]['distribution'], [0, 0, 0.8, 0.2, 0, 0, 0, 0])
   assert splits.num_skipped == 1 and 'fer2013.csv row 8' in caplog.text
 
 

@@ -76,6 +76,24 @@ def test_train_and_evaluate_then_resume(tmp_path, cache):
   assert os.path.getmtime(os.path.join(workdir, 'metrics.jsonl')) >= mtime
 
 
+def test_short_run_with_xla_kernels_learns_and_records_its_settings(tmp_path, cache):
+  """The training loop on XLA's own kernels (the graph a GPU or TPU runs): the loss falls and
+  results.json and the checkpoints record the resolved kernels and dtype."""
+  config = tiny_config(cache)
+  config.model.kernels = 'xla'
+  config.num_epochs = 4
+  config.optim.backbone_lr = config.optim.head_lr = ((100, 3e-3),)
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(config, workdir)
+  assert (results['kernels'], results['dtype']) == ('xla', 'float32')
+  losses = train_losses(workdir)
+  assert len(losses) == 12 and all(l == l for l in losses.values())
+  first, last = losses[1], min(losses[s] for s in (10, 11, 12))
+  assert last < first, losses
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert json.load(f)['kernels'] == 'xla'
+
+
 def test_killed_and_restarted_run_equals_uninterrupted(tmp_path, cache):
   whole, broken = tmp_path / 'whole', tmp_path / 'broken'
   run_main(whole, cache)

@@ -14,14 +14,15 @@ WORKER = os.path.join(ROOT, 'tests', 'parallel_worker.py')
 
 
 def env_with(**extra):
-  env = dict(os.environ, PYTHONPATH=ROOT)
+  # CPU devices also on a machine with a GPU: several processes or fake devices need them.
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
   env.update(extra)
   return env
 
 
-def run_worker(out, steps, **env):
-  proc = subprocess.run([sys.executable, WORKER, str(out), str(steps)], cwd=ROOT,
+def run_worker(out, steps, kernels='auto', **env):
+  proc = subprocess.run([sys.executable, WORKER, str(out), str(steps), kernels], cwd=ROOT,
                         env=env_with(**env), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return np.load(out)
@@ -58,6 +59,16 @@ def test_four_devices_equal_one(one_device, tmp_path):
                     XLA_FLAGS='--xla_force_host_platform_device_count=4')
   assert int(four['devices']) == 4 and int(one_device['devices']) == 1
   assert_same_training(one_device, four)
+
+
+@pytest.mark.slow
+def test_four_devices_equal_one_with_xla_kernels(tmp_path):
+  """The same with XLA's own kernels, the graph a GPU or TPU runs."""
+  one = run_worker(tmp_path / 'one.npz', 3, kernels='xla')
+  four = run_worker(tmp_path / 'four.npz', 3, kernels='xla',
+                    XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  assert int(four['devices']) == 4
+  assert_same_training(one, four)
 
 
 def free_port():

@@ -26,8 +26,9 @@ def global_batch_numpy(step):
   return {'image': images, 'label': labels}
 
 
-def main(out, num_steps):
+def main(out, num_steps, kernels='auto'):
   config = default.get_config('tiny')
+  config.model.kernels = kernels
   config.input.batch_per_class = K
   config.input.image_size = SIZE
   config.dmue.ramp_a = 0.5  # all loss terms active from the second step
@@ -62,4 +63,4 @@ def main(out, num_steps):
 
 
 if __name__ == '__main__':
-  main(sys.argv[1], int(sys.argv[2]))
+  main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:4])

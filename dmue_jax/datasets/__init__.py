@@ -3,11 +3,15 @@
     splits = datasets.load(config.input)
     example = splits.train[0]   # {'image': uint8 [H, W, 3], 'label': int,
                                 #  'distribution': float32 [C], 'index': int}
+    splits.test                 # the split config.input.eval_split names
     labels = datasets.train_labels(splits)   # int64 [N], without decoding any image
 
 `config.input.dataset` picks one of: 'synthfer' (generated here, nothing to download),
 'rafdb', 'affectnet' (8 classes), 'affectnet7' (contempt dropped), 'ferplus' (majority
-protocol) and 'folder' (<data_dir>/<split>/<class>/*.jpg). The licensed datasets are read
+protocol) and 'folder' (<data_dir>/<split>/<class>/*.jpg). Every dataset has a train and a
+test split; FERPlus and a folder with validation/ also have a validation split, which
+`config.input.eval_split='validation'` evaluates instead of the test split (model selection
+without touching the test set). The licensed datasets are read
 from `config.input.data_dir` as their authors ship them; the first load turns them into a
 TFDS dataset (array_record files) under `config.input.cache_dir` (empty = <data_dir>/tfds;
 for SynthFER a per-user cache, ~/.cache/dmue_jax/tfds), and later loads only open those
@@ -59,13 +63,17 @@ class Splits:
   """The loaded dataset.
 
   Attributes:
-    train, test: the two splits every dataset has.
+    train: the training split.
+    test: the split evaluated, the one `config.input.eval_split` names (`eval_split`): the
+      test split unless 'validation' was asked for.
     class_names: names of the label ids 0..C-1.
     has_distribution: whether 'distribution' holds real label distributions (FERPlus votes,
       SynthFER mixing weights, RAF-DB's crowd file when present); else it is all zeros.
     num_skipped: images skipped at preparation because they could not be read.
     skipped_files: their names.
-    extra: further splits some datasets have (FERPlus: 'private').
+    extra: the other splits by name: 'validation' where the dataset has one, or 'test' when
+      `test` holds the validation split.
+    eval_split: the name of the split in `test`.
   """
   train: Source
   test: Source
@@ -74,6 +82,7 @@ class Splits:
   num_skipped: int
   skipped_files: list[str] = dataclasses.field(default_factory=list)
   extra: dict[str, Source] = dataclasses.field(default_factory=dict)
+  eval_split: str = 'test'
 
 
 def default_synthfer_cache_dir() -> str:
@@ -107,7 +116,9 @@ def make_builder(input_config):
     return rafdb.RafDb(manual_dir=data_dir, data_dir=cache_dir)
   if name in ('affectnet', 'affectnet7'):
     return affectnet.AffectNet(manual_dir=data_dir, data_dir=cache_dir,
-                               config='7class' if name == 'affectnet7' else '8class')
+                               config=affectnet.config_name(
+                                   num_classes=7 if name == 'affectnet7' else 8,
+                                   align=input_config.get('affectnet_align', 'landmarks')))
   if name == 'ferplus':
     return ferplus.FerPlus(manual_dir=data_dir, data_dir=cache_dir)
   if name == 'folder':
@@ -132,11 +143,11 @@ def load(input_config) -> Splits:
     input_config: `config.input` of `dmue_jax.config_lib.base_config()`.
 
   Returns:
-    The train and test splits and what is known about them.
+    The train and evaluation splits and what is known about them.
 
   Raises:
     DatasetError: the data dir is missing or incomplete (the message says what to get and
-      where to put it).
+      where to put it), or the dataset lacks the split `eval_split` names.
   """
   builder = make_builder(input_config)
   if not builder.is_prepared():
@@ -150,15 +161,23 @@ def load(input_config) -> Splits:
                          f'{len(labels)} labels); delete that folder to rebuild it.')
     sources[split] = Source(data=data, labels=labels)
   skipped = [name for split in sorted(meta['skipped']) for name in meta['skipped'][split]]
+  eval_split = input_config.get('eval_split', 'test')
+  if eval_split not in sources:
+    raise DatasetError(f'config.input.eval_split={eval_split!r}: {input_config.dataset} in '
+                       f'{builder.data_path} has no such split (it has '
+                       f'{", ".join(sorted(sources))}).{_HOW_TO_ADD.get(input_config.dataset, "")}')
   splits = Splits(
-      train=sources.pop('train'), test=sources.pop('test'),
+      train=sources.pop('train'), test=sources.pop(eval_split),
       class_names=list(builder.info.features['label'].names),
       has_distribution=bool(meta['has_distribution']),
-      num_skipped=len(skipped), skipped_files=skipped, extra=sources)
-  logging.info('Dataset %s from %s: %d train / %d test examples, %d classes, %d unreadable '
+      num_skipped=len(skipped), skipped_files=skipped, extra=sources, eval_split=eval_split)
+  logging.info('Dataset %s from %s: %d train / %d %s examples, %d classes, %d unreadable '
                'images skipped.', input_config.dataset, builder.data_path, len(splits.train),
-               len(splits.test), len(splits.class_names), splits.num_skipped)
+               len(splits.test), eval_split, len(splits.class_names), splits.num_skipped)
   return splits
+
+
+_HOW_TO_ADD = {'folder': ' Add <data_dir>/validation/<class_name>/ folders to give it one.'}
 
 
 def train_labels(splits: Splits) -> np.ndarray:

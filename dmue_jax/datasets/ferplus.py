@@ -10,9 +10,10 @@ Expected layout of the manual dir (`config.input.data_dir`):
 Majority protocol (as in the FER+ authors' code): a class with a single vote gets 0 (an
 outlier); an image is kept only when its top class has more than half of the remaining
 votes and is one of the 8 emotions (not unknown / NF). Its 'distribution' is the remaining
-votes over the 8 emotions, normalised: a real crowd label distribution. Splits: Training ->
-train, PublicTest -> test, PrivateTest -> private. Images are stored as 48x48x3 PNG (the grey
-value in all three channels).
+votes over the 8 emotions, normalised: a real crowd label distribution. Splits follow the
+FER+ convention: Training -> train, PublicTest -> validation, PrivateTest -> test
+(`config.input.eval_split='validation'` evaluates on PublicTest). Images are stored as
+48x48x3 PNG (the grey value in all three channels).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Sequence
 
 from absl import logging
 import numpy as np
+import tensorflow_datasets as tfds
 
 from dmue_jax.datasets import DatasetError
 from dmue_jax.datasets import common
@@ -33,7 +35,7 @@ CLASS_NAMES = ('Neutral', 'Happiness', 'Surprise', 'Sadness', 'Anger', 'Disgust'
 NUM_VOTE_COLUMNS = 10  # the 8 classes, unknown, NF
 PIXELS_FILE = 'fer2013.csv'
 VOTES_FILE = 'fer2013new.csv'
-SPLITS = {'Training': 'train', 'PublicTest': 'test', 'PrivateTest': 'private'}
+SPLITS = {'Training': 'train', 'PublicTest': 'validation', 'PrivateTest': 'test'}
 SIZE = 48
 HOW_TO_GET = ('Get fer2013.csv from the Kaggle "Challenges in Representation Learning: Facial '
               'Expression Recognition Challenge" and fer2013new.csv from '
@@ -83,6 +85,8 @@ class FerPlus(common.ExpressionBuilder):
   """FERPlus, majority protocol."""
 
   name = 'ferplus'
+  # 1.1.0: test is PrivateTest (1.0.0 tested on PublicTest); the cache is keyed by it.
+  VERSION = tfds.core.Version('1.1.0')
   CLASS_NAMES = CLASS_NAMES
   HAS_DISTRIBUTION = True
   DESCRIPTION = __doc__
@@ -143,6 +147,6 @@ class FerPlus(common.ExpressionBuilder):
       if not by_split[split]:
         raise DatasetError(f'FERPlus: no image of the {split} split has a clear majority in '
                            f'{self.manual_dir}; are the CSV files complete? {HOW_TO_GET}')
-    if not by_split['private']:
-      del by_split['private']
+    if not by_split['validation']:
+      del by_split['validation']
     return by_split
