@@ -158,18 +158,66 @@ class SampleTable:
   truth: np.ndarray | None         # [N, C] normalised to sum 1
   true_label: np.ndarray | None    # int [N]
   label_similarity: np.ndarray | None = None  # [N] m[i, y_i], the PUE input (DMUE runs)
+  aum: np.ndarray | None = None                # [N] mean training margin (train.Dynamics)
+  train_probs: np.ndarray | None = None        # [N, C] mean training softmax
 
   @property
   def mislabeled(self) -> np.ndarray | None:
     return None if self.true_label is None else self.labels != self.true_label
 
   def suspicion_order(self) -> np.ndarray:
-    """Sample positions, most suspicious first: lowest score (else lowest p(label))."""
-    key = self.score if self.score is not None else self.label_probs()
-    return np.argsort(key, kind='stable')
+    """Sample positions, most suspicious first."""
+    return np.argsort(-self.suspicion(), kind='stable')
 
   def label_probs(self) -> np.ndarray:
     return self.probs[np.arange(self.labels.shape[0]), self.labels]
+
+  def suspicion(self) -> np.ndarray:
+    """[N] how likely each label is wrong, higher = more suspicious (see `suspicion`)."""
+    return suspicion(self)
+
+  def suggested_label(self) -> np.ndarray:
+    """[N] the most likely other class: the argmax, off the annotated label, of the final
+    and the training-averaged softmax together."""
+    probs = self.probs if self.train_probs is None else self.probs + self.train_probs
+    probs = np.where(np.eye(probs.shape[1], dtype=bool)[self.labels], -np.inf, probs)
+    return probs.argmax(axis=1)
+
+
+def self_confidence(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """cleanlab's self-confidence: p(annotated label)."""
+  return probs[np.arange(labels.shape[0]), labels]
+
+
+def normalized_margin(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """cleanlab's normalized margin: p(label) - max other p, mapped to [0, 1]."""
+  own = self_confidence(probs, labels)
+  other = np.where(np.eye(probs.shape[1], dtype=bool)[labels], -np.inf, probs).max(axis=1)
+  return (own - other + 1.0) / 2.0
+
+
+def report_probs(table: SampleTable) -> np.ndarray:
+  """[N, C] the probabilities the report judges labels by: the normalised geometric mean of
+  the final target head's softmax and its average over training (where recorded), so that a
+  label the final model has memorised still looks unlikely if training long disagreed."""
+  if table.train_probs is None:
+    return table.probs
+  probs = np.sqrt(np.maximum(table.probs, 0.0) * np.maximum(table.train_probs, 0.0))
+  return probs / np.maximum(probs.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
+
+
+def suspicion(table: SampleTable) -> np.ndarray:
+  """The report's wrong-label ranking in [0, 1], higher = more suspicious.
+
+  1 - the class-adjusted self-confidence of `report_probs` (cleanlab's label quality with
+  `adjust_pred_probs`: each class's average self-confidence is subtracted first, so that a
+  class the model is less sure of is not flagged wholesale). Chosen by measurement on the
+  default SynthFER run against the final softmax alone, the area under the margin and their
+  rank averages (README, Ambiguity analysis).
+  """
+  from cleanlab.rank import get_label_quality_scores  # pylint: disable=g-import-not-at-top
+  return 1.0 - get_label_quality_scores(table.labels, report_probs(table),
+                                        method='self_confidence', adjust_pred_probs=True)
 
 
 def score_plan(labels: np.ndarray, num_classes: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -266,10 +314,58 @@ def collect(config, variables, data: train.RunData, mesh) -> SampleTable:
       truth=truth, true_label=true_label, label_similarity=table.get('label_similarity'))
 
 
+def with_dynamics(table: SampleTable, dynamics) -> SampleTable:
+  """The table with the training dynamics (`train.Dynamics`, host arrays) filled in. A sample
+  training never drew (a short run) gets a margin of 0 and a uniform training softmax."""
+  if dynamics is None:
+    return table
+  count = np.asarray(dynamics.count, np.float64)
+  seen = np.maximum(count, 1.0)
+  c = table.probs.shape[1]
+  aum = np.where(count > 0, np.asarray(dynamics.margin_sum) / seen, 0.0)
+  train_probs = np.where(count[:, None] > 0, np.asarray(dynamics.prob_sum) / seen[:, None],
+                         1.0 / c)
+  return dataclasses.replace(table, aum=aum, train_probs=train_probs)
+
+
+def estimated_issue_count(table: SampleTable) -> int:
+  """How many labels are wrong, estimated from the per-sample losses -log p(label) of
+  `report_probs`: a two-component Gaussian mixture (clean and wrong labels, as DivideMix
+  separates them) and the number of samples more likely in the high-loss component.
+
+  Confident learning's estimate (cleanlab's `num_label_issues`) counts every sample the model
+  gets wrong, twice the true number on the default SynthFER run (README).
+  """
+  from sklearn.mixture import GaussianMixture  # pylint: disable=g-import-not-at-top
+  probs = report_probs(table)
+  loss = -np.log(np.maximum(probs[np.arange(table.labels.shape[0]), table.labels], 1e-12))
+  if loss.size < 4 or np.ptp(loss) == 0:
+    return 0
+  mixture = GaussianMixture(2, random_state=0).fit(loss[:, None])
+  high = int(np.argmax(mixture.means_[:, 0]))
+  return int(np.sum(mixture.predict_proba(loss[:, None])[:, high] > 0.5))
+
+
+def flag_label_issues(table: SampleTable) -> np.ndarray:
+  """bool [N]: the samples the report believes mislabelled, the `estimated_issue_count` most
+  suspicious (so the flags are the top of samples.csv)."""
+  flagged = np.zeros(table.labels.shape[0], bool)
+  flagged[table.suspicion_order()[:estimated_issue_count(table)]] = True
+  return flagged
+
+
+def cleanlab_flags(table: SampleTable) -> np.ndarray:
+  """cleanlab's `find_label_issues` on the final softmax, for comparison."""
+  from cleanlab.filter import find_label_issues  # pylint: disable=g-import-not-at-top
+  return find_label_issues(table.labels, table.probs)
+
+
 def summarize(table: SampleTable) -> dict[str, Any]:
   """The metrics of the module docstring (NaN-free: a metric that cannot be computed is left
   out)."""
   out: dict[str, Any] = {'num_train_samples': int(table.labels.shape[0])}
+  flagged = flag_label_issues(table)
+  out['num_flagged'] = int(flagged.sum())
   if table.score is not None:
     out['mean_score'] = float(table.score.mean())
     if table.flipped.any():
@@ -288,13 +384,26 @@ def summarize(table: SampleTable) -> dict[str, Any]:
   noisy = table.mislabeled
   out['num_mislabeled'] = int(noisy.sum())
   if 0 < out['num_mislabeled'] < noisy.size:
-    out['label_prob_auroc'] = roc_auc(-table.label_probs(), noisy)
+    out['noisy_label_auroc'] = roc_auc(table.suspicion(), noisy)
+    out['cleanlab_self_confidence_auroc'] = roc_auc(
+        -self_confidence(table.probs, table.labels), noisy)
+    out['cleanlab_normalized_margin_auroc'] = roc_auc(
+        -normalized_margin(table.probs, table.labels), noisy)
+    out['label_prob_auroc'] = out['cleanlab_self_confidence_auroc']
+    if table.aum is not None:
+      out['aum_auroc'] = roc_auc(-table.aum, noisy)
     if table.label_similarity is not None:
       out['label_similarity_auroc'] = roc_auc(-table.label_similarity, noisy)
     if table.score is not None:
-      out['noisy_label_auroc'] = roc_auc(-table.score, noisy)
+      out['score_auroc'] = roc_auc(-table.score, noisy)
       out['mean_score_clean'] = float(table.score[~noisy].mean())
       out['mean_score_noisy'] = float(table.score[noisy].mean())
+    for prefix, flags in (('flagged', flagged), ('cleanlab_flagged', cleanlab_flags(table))):
+      if flags.any():
+        out[f'{prefix}_precision'] = float(noisy[flags].mean())
+      out[f'{prefix}_recall'] = float(flags[noisy].mean())
+    out['suggested_label_accuracy'] = float(
+        (table.suggested_label()[noisy] == table.true_label[noisy]).mean())
   return out
 
 
@@ -302,7 +411,10 @@ def summarize(table: SampleTable) -> dict[str, Any]:
 def write_csv(path: str, table: SampleTable) -> None:
   """samples.csv: one row per training sample, most suspicious first."""
   names = table.class_names
-  header = ['index', 'label', 'label_name', 'original_label']
+  header = ['index', 'label', 'label_name', 'original_label', 'suspicion', 'flagged',
+            'suggested_label', 'suggested_label_name']
+  if table.aum is not None:
+    header += ['aum']
   if table.score is not None:
     header += ['score'] + [f'latent_{n}' for n in names]
   header += [f'prob_{n}' for n in names]
@@ -312,12 +424,18 @@ def write_csv(path: str, table: SampleTable) -> None:
   if table.truth is not None:
     header += ['mislabeled']
   fmt = lambda v: f'{float(v):.6g}'
+  suspicion_ = table.suspicion()
+  flagged = flag_label_issues(table)
+  suggested = table.suggested_label()
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(header)
     for i in table.suspicion_order():
       y = int(table.labels[i])
-      row = [int(i), y, names[y], int(table.original_labels[i])]
+      row = [int(i), y, names[y], int(table.original_labels[i]), fmt(suspicion_[i]),
+             int(flagged[i]), int(suggested[i]), names[int(suggested[i])]]
+      if table.aum is not None:
+        row += [fmt(table.aum[i])]
       if table.score is not None:
         row += [fmt(table.score[i])] + [fmt(v) for v in table.latent[i]]
       row += [fmt(v) for v in table.probs[i]]
@@ -439,7 +557,7 @@ def restore_latest(workdir: str, step: int | None = None):
   step = mgr.latest_step() if step is None else step
   meta = checkpoints.read_meta(mgr, step)
   config = checkpoints.config_from_meta(meta)
-  config_lib.validate(config)
+  config_lib.validate(config, for_training=False)
   # Shapes only: a real init of the multi-branch model costs a minute on a small CPU.
   abstract = jax.eval_shape(
       lambda key: train.create_train_state(config, key, meta['steps_per_epoch']),
@@ -452,8 +570,17 @@ def restore_latest(workdir: str, step: int | None = None):
   return config, state.variables, step
 
 
+def restore_dynamics(workdir: str, step: int, num_samples: int, num_classes: int):
+  """The training dynamics saved with checkpoint `step`, or None."""
+  mgr, _, _ = checkpoints.open_run(workdir, step)
+  dynamics = checkpoints.restore_dynamics(mgr, step,
+                                          train.Dynamics.zeros(num_samples, num_classes))
+  mgr.close()
+  return dynamics
+
+
 def analyze(workdir: str, *, config=None, state=None, data: train.RunData | None = None,
-            step: int | None = None) -> dict:
+            step: int | None = None, dynamics=None) -> dict:
   """Analyses the training set of a run; writes <workdir>/ambiguity/ and updates results.json.
 
   Args:
@@ -463,6 +590,7 @@ def analyze(workdir: str, *, config=None, state=None, data: train.RunData | None
     data: the run's RunData (labels after noise, flips); None = `train.prepare_data(config)`,
       which reproduces them (the noise is a pure function of its seed).
     step: the checkpoint to restore when `state` is None.
+    dynamics: the run's `train.Dynamics`; None = those saved with that checkpoint (if any).
   Returns:
     The metrics added to results.json (see the module docstring).
   """
@@ -473,9 +601,12 @@ def analyze(workdir: str, *, config=None, state=None, data: train.RunData | None
     variables, step = state.variables, int(jax.device_get(state.step))
   if data is None:
     data = train.prepare_data(config)
+  if dynamics is None and state is None:
+    dynamics = restore_dynamics(workdir, step, len(data.labels), config.model.num_classes)
   mesh = parallel.make_mesh()
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  table = collect(config, variables, data, mesh)
+  table = with_dynamics(collect(config, variables, data, mesh),
+                        None if dynamics is None else jax.device_get(dynamics))
   metrics = {'analysis_step': step, **summarize(table)}
   if not train.uses_dmue(config):
     logging.info('Plain cross-entropy run: no uncertainty score or mined distribution; rows are '

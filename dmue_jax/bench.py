@@ -238,7 +238,7 @@ def make_setup(config, *, image_size=None, batch_per_class=None, dtype=None,
     config.input.batch_per_class = batch_per_class
   config.model.dtype = config_lib.resolve_dtype(dtype or config.model.dtype)
   config.dmue.enabled = True
-  config_lib.validate(config)
+  config_lib.validate(config, for_training=False)
   c, k, s = config.model.num_classes, config.input.batch_per_class, config.input.image_size
   mesh = mesh if mesh is not None else parallel.make_mesh()
   if k % mesh.size:  # the grouped batch splits on k (and so the flat one on B = C*k)
@@ -356,7 +356,9 @@ def inference_calls(setup: Setup, train_variables) -> dict[str, Callable[[], Any
   dmue_fn = setup.compile(jax.jit(functools.partial(train.eval_logits, config=config)),
                           exported, setup.flat_images)
   model = plain_model(config)
-  plain_vars = plain_variables(setup)
+  # Replicated like the exported model's (they come from the train state), so that on several
+  # devices both run the same data-parallel program.
+  plain_vars = jax.device_put(plain_variables(setup), parallel.replicated(setup.mesh))
   plain_fn = setup.compile(jax.jit(lambda v, x: model.apply(v, x, train=False)[0]),
                            plain_vars, setup.flat_images)
   return {'dmue': lambda: dmue_fn(exported, setup.flat_images),

@@ -50,11 +50,12 @@ def manager(workdir: str, *, keep: int = 3, read_only: bool = False) -> ocp.Chec
       # Asynchronous saves: training goes on while orbax writes. A step folder appears only
       # once complete, so a run killed mid-save resumes from the checkpoint before it.
       enable_async_checkpointing=True)
-  return ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
+  return ocp.CheckpointManager(directory, options=options,
+                               item_names=('state', 'meta', 'dynamics'))
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
-         metrics: dict | None = None) -> None:
+         metrics: dict | None = None, dynamics: Any = None) -> None:
   """Saves `state` and JSON `meta` at `step` (a no-op when that step is already saved).
 
   Returns once the arrays are copied off the devices; the files are written in the background
@@ -62,9 +63,10 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
   """
   if step in mgr.all_steps():
     return
-  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                         meta=ocp.args.JsonSave(meta)),
-           metrics=metrics, force=True)
+  items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
+  if dynamics is not None:
+    items['dynamics'] = ocp.args.StandardSave(dynamics)
+  mgr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
 def restore(mgr: ocp.CheckpointManager, step: int, target: Any):
@@ -80,6 +82,22 @@ def restore(mgr: ocp.CheckpointManager, step: int, target: Any):
         'of classes (check --config), or damaged: delete that step folder to fall back to '
         'an older checkpoint.') from e
   return out['state'], out['meta']
+
+
+def restore_dynamics(mgr: ocp.CheckpointManager, step: int, target: Any):
+  """The training dynamics saved at `step` (`train.Dynamics`), or None for a checkpoint saved
+  without them."""
+  if 'dynamics' not in mgr.item_metadata(step):
+    return None
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  try:
+    return mgr.restore(step, args=ocp.args.Composite(
+        dynamics=ocp.args.StandardRestore(abstract)))['dynamics']
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(
+        f'cannot restore the training dynamics of step {step} from {mgr.directory}: '
+        f'{type(e).__name__}. Delete that step folder to fall back to an older checkpoint.'
+    ) from e
 
 
 def best_step(mgr: ocp.CheckpointManager) -> int | None:

@@ -33,7 +33,7 @@ def evaluate(workdir: str, step: int | None = None) -> dict:
   """Restores `step` (default: best) of `workdir` and evaluates it on the test split."""
   mgr, step, meta = checkpoints.open_run(workdir, step)
   config = checkpoints.config_from_meta(meta)
-  config_lib.validate(config)
+  config_lib.validate(config, for_training=False)
   data = train.prepare_data(config)
   # Shapes only: building real initial variables would take tens of seconds on a CPU.
   target = jax.eval_shape(lambda key: train.create_train_state(config, key, data.steps_per_epoch),

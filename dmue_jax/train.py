@@ -358,8 +358,52 @@ def train_step(state: TrainState, batch, rng, *, config, steps_per_epoch: int, m
       'lr_head': piecewise_by_epoch(config.optim.head_lr, steps_per_epoch)(state.step),
       'ramp_up': extra['ramp_up'],
       'ramp_down': extra['ramp_down'],
+      # Per sample, for the training dynamics (`record_dynamics`); not a logged scalar.
+      SAMPLE_LOGITS: extra['target_logits'],
   }
   return new_state, metrics
+
+
+SAMPLE_LOGITS = 'sample_logits'
+
+
+# ------------------------------------------------------------------ training dynamics
+@flax.struct.dataclass
+class Dynamics:
+  """What training saw of each training sample, by dataset index (N samples, C classes).
+
+  margin_sum: sum over the steps that drew the sample of its margin, the target logit of its
+    trained-on label minus the largest other logit (training mode: augmentation, dropout);
+    margin_sum / count is the area under the margin (Pleiss et al., NeurIPS 2020).
+  prob_sum: [N, C] the sum of its target softmax over those steps.
+  count: how many steps drew it.
+  Saved with every checkpoint, so a resumed run carries it exactly.
+  """
+  margin_sum: jax.Array
+  prob_sum: jax.Array
+  count: jax.Array
+
+  @classmethod
+  def zeros(cls, num_samples: int, num_classes: int) -> 'Dynamics':
+    return cls(margin_sum=jnp.zeros((num_samples,), jnp.float32),
+               prob_sum=jnp.zeros((num_samples, num_classes), jnp.float32),
+               count=jnp.zeros((num_samples,), jnp.int32))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def record_dynamics(dynamics: Dynamics, logits, index) -> Dynamics:
+  """Adds one step's target logits [C, k, C] (row c trained as class c) at the dataset
+  positions index [C, k]."""
+  c = logits.shape[0]
+  logits = logits.astype(jnp.float32)
+  own = jnp.eye(c, dtype=bool)[:, None, :]
+  label_logit = jnp.sum(jnp.where(own, logits, 0.0), axis=-1)
+  other = jnp.max(jnp.where(own, -jnp.inf, logits), axis=-1)
+  flat = index.reshape(-1)
+  return Dynamics(
+      margin_sum=dynamics.margin_sum.at[flat].add((label_logit - other).reshape(-1)),
+      prob_sum=dynamics.prob_sum.at[flat].add(jax.nn.softmax(logits, -1).reshape(-1, c)),
+      count=dynamics.count.at[flat].add(1))
 
 
 def eval_logits(variables: Variables, images, *, config):
@@ -454,8 +498,9 @@ def _load_splits(config):
 
 
 def initial_variables(config, rng) -> Variables:
-  """Random variables, or those of config.model.init_from (official torch weights)."""
-  if not config.model.init_from:
+  """Random variables ('' or 'scratch'), or those of config.model.init_from (official torch
+  weights)."""
+  if config.model.init_from in ('', 'scratch'):
     return init_variables(config, rng)
   from dmue_jax import convert_torch  # pylint: disable=g-import-not-at-top
   variables = convert_torch.load_official_checkpoint(config.model.init_from, config)
@@ -522,11 +567,13 @@ def _meta(config, data: RunData, step: int) -> dict:
           'config': config.to_json()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       variables: Variables | None = None) -> dict:
   """Trains (resuming from the latest checkpoint in workdir), evaluates, writes results.
 
   Writes <workdir>/checkpoints, metrics.jsonl, tensorboard/, results.json and
-  confusion_matrix.png (process 0). Returns the results dict.
+  confusion_matrix.png (process 0). Returns the results dict. `variables`: the starting
+  weights (default: `initial_variables`); unused when resuming.
   """
   config_lib.validate(config)
   checkpoints.check_workdir(workdir)
@@ -543,15 +590,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   init_rng, dropout_rng = jax.random.split(rng)
   mgr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
   start_step = 0
+  dynamics = Dynamics.zeros(len(data.labels), c)
   if mgr.latest_step() is not None:
     target = jax.eval_shape(lambda key: create_train_state(config, key, spe), init_rng)
     state, _ = checkpoints.restore(mgr, mgr.latest_step(), target)
     start_step = int(state.step)
+    saved = checkpoints.restore_dynamics(mgr, start_step, dynamics)
+    if saved is None:
+      logging.warning('Checkpoint step %d holds no training dynamics: they count from here.',
+                      start_step)
+    dynamics = saved if saved is not None else dynamics
     logging.info('Resumed from %s at step %d.', mgr.directory, start_step)
   else:
-    state = create_train_state(config, init_rng, spe,
-                               variables=initial_variables(config, init_rng))
+    if variables is None:
+      variables = initial_variables(config, init_rng)
+    state = create_train_state(config, init_rng, spe, variables=variables)
   state = jax.device_put(state, parallel.state_sharding(state, mesh))
+  dynamics = jax.device_put(dynamics, parallel.replicated(mesh))
   p_train, p_eval = make_jitted_steps(config, mesh, spe)
 
   writer = (metrics_lib.MetricWriter(workdir, class_names=data.splits.class_names)
@@ -572,11 +627,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   local_batches = batches.iterate(start_step, num_steps=total_steps - start_step,
                                   num_threads=config.input.num_workers, raw=True)
   device_batches = parallel.prefetch_to_device(
-      ({name: b[name] for name in ('image', 'erase', 'label')} for b in local_batches),
+      ({'image': b['image'], 'erase': b['erase'], 'label': b['label'],
+        'index': b['index'].astype(np.int32)} for b in local_batches),
       parallel.train_batch_sharding(mesh), 1)
   first_bad = jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(mesh))
   for step, batch in zip(range(start_step, total_steps), device_batches):
     state, step_metrics = p_train(state, batch, dropout_rng)
+    dynamics = record_dynamics(dynamics, step_metrics.pop(SAMPLE_LOGITS), batch['index'])
     first_bad = _first_non_finite(first_bad, step_metrics['train_loss'], step + 1)
     done = step + 1
     if progress is not None:
@@ -612,7 +669,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise _non_finite('the parameters became non-finite', done, spe, mgr.directory)
       ckpt_metrics = ({'eval_accuracy': last_eval['eval_accuracy']}
                       if epoch_end and last_eval is not None else None)
-      checkpoints.save(mgr, done, state, _meta(config, data, done), metrics=ckpt_metrics)
+      checkpoints.save(mgr, done, state, _meta(config, data, done), metrics=ckpt_metrics,
+                       dynamics=dynamics)
   if progress is not None:
     progress.close()
 
@@ -632,7 +690,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mgr.close()
   if config.analyze_at_end and uses_dmue(config):
     from dmue_jax import analyze  # pylint: disable=g-import-not-at-top (analyze imports train)
-    results.update(analyze.analyze(workdir, config=config, state=state, data=data))
+    results.update(analyze.analyze(workdir, config=config, state=state, data=data,
+                                   dynamics=dynamics))
   return results
 
 

@@ -106,17 +106,22 @@ def test_score_plan_covers_every_sample_once():
 
 
 def hand_table(score=True, truth=True):
-  """Six samples: 2 and 5 carry a wrong annotation (5 by label noise) and the lowest scores."""
-  labels = np.array([0, 1, 2, 0, 1, 2])
-  true_label = np.array([0, 1, 0, 0, 1, 1])
+  """Six samples: 2 and 5 carry a wrong annotation (5 by label noise) and the lowest scores.
+
+  The softmax leans to the true class everywhere (0.6 of it), constant probabilities would
+  leave every ranking tied."""
+  labels = np.array([0, 1, 2, 2, 1, 2])
+  true_label = np.array([0, 1, 0, 2, 1, 1])
   t = np.full((6, 3), 0.1)
   t[np.arange(6), true_label] = 0.8
   latent = np.full((6, 3), 0.5)
   latent[np.arange(6), labels] = 0.0
+  probs = np.full((6, 3), 0.2)
+  probs[np.arange(6), true_label] = 0.6
   return analyze.SampleTable(
-      class_names=NAMES, labels=labels, original_labels=np.array([0, 1, 2, 0, 1, 1]),
+      class_names=NAMES, labels=labels, original_labels=np.array([0, 1, 2, 2, 1, 1]),
       flipped=np.array([False] * 5 + [True]),
-      probs=np.full((6, 3), 1 / 3),
+      probs=probs,
       score=np.array([0.9, 0.8, 0.2, 0.7, 0.6, 0.1]) if score else None,
       latent=latent if score else None,
       truth=t if truth else None, true_label=true_label if truth else None)
@@ -124,15 +129,74 @@ def hand_table(score=True, truth=True):
 
 def test_summarize_with_truth():
   m = analyze.summarize(hand_table())
+  # The suspicion ranking puts both wrong labels (p(label) 0.2) above the clean ones (0.6).
   assert m['noisy_label_auroc'] == pytest.approx(1.0)
+  assert m['cleanlab_self_confidence_auroc'] == pytest.approx(1.0)
+  assert m['score_auroc'] == pytest.approx(1.0)  # the PUE score, lowest on 2 and 5
   assert m['flipped_label_auroc'] == pytest.approx(1.0)
   assert m['num_mislabeled'] == 2
   assert m['mean_score_noisy'] == pytest.approx(0.15)
   assert m['mean_score_clean'] == pytest.approx(0.75)
-  assert m['label_prob_auroc'] == pytest.approx(0.5)  # constant probabilities
   assert m['kl_num_samples'] == 6
   for key in ('latent_kl_to_truth', 'baseline_kl_to_truth'):
     assert np.isfinite(m[key])
+  # Two clear loss clusters: exactly the two wrong labels are flagged, and the most likely
+  # other class is their true one.
+  assert m['num_flagged'] == 2
+  assert m['flagged_precision'] == m['flagged_recall'] == 1.0
+  assert m['suggested_label_accuracy'] == 1.0
+
+
+def test_suspicion_ranks_by_class_adjusted_confidence_and_training_history():
+  """Sample 1's final p(label) is as high as sample 0's, but training mostly disagreed with
+  its label: the geometric mean with the training softmax ranks it more suspicious. Class
+  adjustment: class 1's labels are less confident overall, so its 0.5 is not suspicious."""
+  table = analyze.SampleTable(
+      class_names=NAMES, labels=np.array([0, 0, 0, 1, 1]), original_labels=np.zeros(5, int),
+      flipped=np.zeros(5, bool),
+      probs=np.array([[0.8, 0.1, 0.1], [0.8, 0.1, 0.1], [0.5, 0.4, 0.1], [0.4, 0.5, 0.1],
+                      [0.4, 0.5, 0.1]]),
+      score=None, latent=None, truth=None, true_label=None,
+      train_probs=np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.5, 0.4, 0.1],
+                            [0.4, 0.5, 0.1], [0.4, 0.5, 0.1]]))
+  probs = analyze.report_probs(table)
+  np.testing.assert_allclose(probs.sum(1), 1.0)
+  np.testing.assert_allclose(probs[1], np.array([0.4, np.sqrt(0.07), 0.1]) /
+                             (0.4 + np.sqrt(0.07) + 0.1))
+  s = table.suspicion()
+  assert s[1] > s[0] and s[2] > s[0]
+  assert s[3] == s[4] < s[2]  # p(label) 0.5, the class's average: not suspicious
+  # Without training dynamics the final softmax alone decides: samples 0 and 1 tie.
+  table.train_probs = None
+  s = table.suspicion()
+  assert s[0] == s[1]
+
+
+def test_flag_count_is_estimated_from_the_loss_mixture():
+  rng = np.random.default_rng(0)
+  n, c = 400, 4
+  labels = rng.integers(0, c, n)
+  wrong = rng.random(n) < 0.2
+  p_label = np.where(wrong, rng.uniform(0.02, 0.1, n), rng.uniform(0.7, 0.95, n))
+  probs = np.tile(((1 - p_label) / (c - 1))[:, None], (1, c))
+  probs[np.arange(n), labels] = p_label
+  table = analyze.SampleTable(
+      class_names=list('abcd'), labels=labels, original_labels=labels, flipped=wrong,
+      probs=probs, score=None, latent=None, truth=None, true_label=None)
+  assert analyze.estimated_issue_count(table) == wrong.sum()
+  np.testing.assert_array_equal(analyze.flag_label_issues(table), wrong)
+
+
+def test_training_dynamics_fill_the_table():
+  table = hand_table()
+  dynamics = train.Dynamics(margin_sum=np.array([2.0, 0.0, -3.0, 4.0, 1.0, -1.0]),
+                            prob_sum=np.tile([[0.6, 0.2, 0.2]], (6, 1)) * 2,
+                            count=np.array([2, 0, 3, 2, 1, 1]))
+  filled = analyze.with_dynamics(table, dynamics)
+  np.testing.assert_allclose(filled.aum, [1.0, 0.0, -1.0, 2.0, 1.0, -1.0])
+  np.testing.assert_allclose(filled.train_probs[0], [0.6, 0.2, 0.2])
+  np.testing.assert_allclose(filled.train_probs[1], [1 / 3] * 3)  # never drawn: uniform
+  assert 'aum_auroc' in analyze.summarize(filled)
 
 
 def test_summarize_label_similarity_auroc():
@@ -142,7 +206,7 @@ def test_summarize_label_similarity_auroc():
   table.label_similarity = np.array([0.5, 0.9, 0.1, 0.8, 0.7, 0.5])
   m = analyze.summarize(table)
   assert m['label_similarity_auroc'] == pytest.approx(7.5 / 8)
-  assert m['noisy_label_auroc'] == pytest.approx(1.0)  # the score's, unchanged
+  assert m['score_auroc'] == pytest.approx(1.0)  # the score's, unchanged
   table.label_similarity = None
   assert 'label_similarity_auroc' not in analyze.summarize(table)
 
@@ -150,24 +214,34 @@ def test_summarize_label_similarity_auroc():
 def test_summarize_without_truth_skips_the_agreement_metrics(tmp_path):
   table = hand_table(truth=False)
   m = analyze.summarize(table)
-  assert set(m) == {'num_train_samples', 'mean_score', 'flipped_label_auroc'}
+  assert set(m) == {'num_train_samples', 'num_flagged', 'mean_score', 'flipped_label_auroc'}
   path = str(tmp_path / 'samples.csv')
   analyze.write_csv(path, table)
   with open(path) as f:
     rows = list(csv.DictReader(f))
-  assert [int(r['index']) for r in rows] == [5, 2, 4, 3, 1, 0]
+  # By suspicion: the two wrong labels (p(label) 0.2) first, flagged, then the rest.
+  assert sorted(int(r['index']) for r in rows[:2]) == [2, 5]
+  assert [int(r['flagged']) for r in rows] == [1, 1, 0, 0, 0, 0]
+  suspicion = [float(r['suspicion']) for r in rows]
+  assert suspicion == sorted(suspicion, reverse=True)
+  # Their suggested label is the class the softmax prefers.
+  assert [r['suggested_label_name'] for r in rows[:2]] == [
+      NAMES[0] if rows[0]['index'] == '2' else NAMES[1],
+      NAMES[1] if rows[0]['index'] == '2' else NAMES[0]]
   assert not any(k.startswith('true_') or k == 'mislabeled' for k in rows[0])
 
 
-def test_plain_run_table_is_ranked_by_label_probability(tmp_path):
+def test_plain_run_table_is_ranked_by_suspicion_too(tmp_path):
+  """A plain cross-entropy run has no PUE score or mined distribution; its report ranks and
+  flags the same way."""
   table = hand_table(score=False)
-  table.probs = np.tile([[0.2, 0.3, 0.5]], (6, 1))
-  assert 'noisy_label_auroc' not in analyze.summarize(table)
+  m = analyze.summarize(table)
+  assert m['noisy_label_auroc'] == 1.0 and 'score_auroc' not in m
   path = str(tmp_path / 'samples.csv')
   analyze.write_csv(path, table)
   with open(path) as f:
     rows = list(csv.DictReader(f))
-  assert [int(r['index']) for r in rows] == [0, 3, 1, 4, 2, 5]
+  assert sorted(int(r['index']) for r in rows[:2]) == [2, 5]
   assert 'score' not in rows[0]
 
 
@@ -189,14 +263,16 @@ def test_analyze_writes_one_row_per_training_sample(tmp_path):
     rows = list(csv.DictReader(f))
   assert len(rows) == n
   assert sorted(int(r['index']) for r in rows) == list(range(n))
-  expected = (['index', 'label', 'label_name', 'original_label', 'score']
+  expected = (['index', 'label', 'label_name', 'original_label', 'suspicion', 'flagged',
+               'suggested_label', 'suggested_label_name', 'score']
               + [f'latent_{x}' for x in names] + [f'prob_{x}' for x in names]
               + [f'true_{x}' for x in names] + ['true_label', 'true_label_name', 'flipped',
                                                 'mislabeled'])
   assert list(rows[0]) == expected
   scores = np.array([float(r['score']) for r in rows])
-  assert np.all(np.diff(scores) >= 0)  # most suspicious (lowest score) first
   assert np.all((scores > 0) & (scores < 1))
+  suspicion = np.array([float(r['suspicion']) for r in rows])
+  assert np.all(np.diff(suspicion) <= 0)  # most suspicious first
   index = np.array([int(r['index']) for r in rows])
   label = np.array([int(r['label']) for r in rows])
   np.testing.assert_array_equal(label, data.labels[index])
@@ -231,8 +307,10 @@ def test_analyze_writes_one_row_per_training_sample(tmp_path):
     assert os.path.getsize(os.path.join(out, name)) > 5000
   with open(os.path.join(run.workdir, 'results.json')) as f:
     results = json.load(f)
-  for key in ('noisy_label_auroc', 'latent_kl_to_truth', 'baseline_kl_to_truth',
-              'mean_score_clean', 'mean_score_noisy', 'label_similarity_auroc'):
+  for key in ('noisy_label_auroc', 'score_auroc', 'latent_kl_to_truth', 'baseline_kl_to_truth',
+              'mean_score_clean', 'mean_score_noisy', 'label_similarity_auroc',
+              'cleanlab_self_confidence_auroc', 'cleanlab_normalized_margin_auroc',
+              'flagged_recall', 'suggested_label_accuracy', 'num_flagged'):
     assert key in results
     assert results[key] == metrics[key]
   assert results['eval_accuracy'] == 0.25

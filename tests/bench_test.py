@@ -29,6 +29,7 @@ REQUIRED = (
     'flops_ratio_vs_reference_subsets')
 
 
+@pytest.mark.slow  # compiles the step, the plain step, inference and the pieces
 def test_json_line_has_every_measurement(capsys, monkeypatch):
   calls = []
   original = bench._interleaved_medians  # pylint: disable=protected-access

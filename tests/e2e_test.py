@@ -76,22 +76,28 @@ def test_train_and_evaluate_then_resume(tmp_path, cache):
   assert os.path.getmtime(os.path.join(workdir, 'metrics.jsonl')) >= mtime
 
 
-def test_short_run_with_xla_kernels_learns_and_records_its_settings(tmp_path, cache):
-  """The training loop on XLA's own kernels (the graph a GPU or TPU runs): the loss falls and
-  results.json and the checkpoints record the resolved kernels and dtype."""
-  config = tiny_config(cache)
-  config.model.kernels = 'xla'
-  config.num_epochs = 4
-  config.optim.backbone_lr = config.optim.head_lr = ((100, 3e-3),)
-  workdir = str(tmp_path / 'run')
-  results = train.train_and_evaluate(config, workdir)
-  assert (results['kernels'], results['dtype']) == ('xla', 'float32')
-  losses = train_losses(workdir)
-  assert len(losses) == 12 and all(l == l for l in losses.values())
-  first, last = losses[1], min(losses[s] for s in (10, 11, 12))
-  assert last < first, losses
-  with open(os.path.join(workdir, 'results.json')) as f:
-    assert json.load(f)['kernels'] == 'xla'
+def test_short_run_with_xla_kernels_matches_the_cpu_kernels(tmp_path, cache):
+  """The training loop on XLA's own kernels (the graph a GPU or TPU runs) logs the losses the
+  CPU kernels give, and results.json records the resolved kernels and dtype."""
+  runs = {}
+  for kernels in ('xla', 'cpu'):
+    config = tiny_config(cache)
+    config.model.kernels = kernels
+    # Adam's update of a near-zero gradient is +-lr whichever sign rounding gives it; a large
+    # eps keeps the two kernel sets' float32 rounding at noise level (as tests/parallel_worker).
+    config.optim.eps = 1e-2
+    workdir = str(tmp_path / kernels)
+    results = train.train_and_evaluate(config, workdir)
+    assert (results['kernels'], results['dtype']) == (kernels, 'float32')
+    with open(os.path.join(workdir, 'results.json')) as f:
+      assert json.load(f)['kernels'] == kernels
+    runs[kernels] = train_losses(workdir)
+  assert sorted(runs['xla']) == [1, 2, 3, 4, 5, 6]
+  # The same weights give the same loss; after updates the two float32 roundings drift apart
+  # (the SP term's gamma = 100 amplifies them), slowly.
+  tolerance = {1: 1e-5, 2: 1e-4}
+  for step, loss in runs['xla'].items():
+    assert loss == pytest.approx(runs['cpu'][step], rel=tolerance.get(step, 1e-2)), step
 
 
 def test_killed_and_restarted_run_equals_uninterrupted(tmp_path, cache):

@@ -57,9 +57,10 @@ ALIGN_MODES = ('landmarks', 'box')
 # (54), mouth corners (76, 82); x, y in canvas pixels.
 TEMPLATE_FIVE = np.array([[311.5, 365.625], [486.625, 368.0], [395.0, 458.0],
                           [310.0, 524.0], [480.0, 524.0]])
-# The reference crops the face box MTCNN finds in the warped canvas, enlarged by 256/224 on
-# each side. With no detector here, the box is the square on the template's 98 points (they
-# span x 202..596, y 313..664): centred on them, as wide as they are.
+# The reference crops the face box MTCNN finds in the warped canvas, its width and height
+# enlarged by 256/224 about its centre. With no detector here, the box is the square on the
+# template's 98 points (they span x 202..596, y 313..664): centred on them, as wide as they
+# are.
 TEMPLATE_FACE_CENTRE = np.array([399.0, 488.5])
 TEMPLATE_FACE_SIDE = 394.0
 MARGIN = 256 / 224
