@@ -28,10 +28,10 @@ import numpy as np
 from ml_collections import config_flags
 
 from dmue_jax import cli
+from dmue_jax.config_lib import ConfigError
 from dmue_jax import metrics as metrics_lib
 from dmue_jax import parallel
 from dmue_jax import train
-from dmue_jax.errors import UserError
 from dmue_jax.models import dmue as dmue_model
 
 ARMS = ('baseline', 'dmue')
@@ -137,7 +137,7 @@ def main(argv):
     try:
       rates = [float(r) for r in FLAGS['label-noise'].value or []]
     except ValueError as e:
-      raise UserError(f'--label-noise takes numbers such as 0,0.1,0.3: {e}') from e
+      raise ConfigError(f'--label-noise takes numbers such as 0,0.1,0.3: {e}') from e
     out = compare(FLAGS.config, FLAGS.workdir, rates)
   print(format_table(out))
 

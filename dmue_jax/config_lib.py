@@ -33,6 +33,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   config.eval_every_epochs = 1
+  # The reference also tests after every 200th batch of an epoch (0 = epoch ends only), and
+  # that test leaves its network in eval mode until the epoch ends (README, Reference quirks,
+  # Q7): BatchNorm on its running statistics, not updating them, dropout off.
+  config.eval_every_steps = 200
+  config.eval_freezes_rest_of_epoch = True
   config.analyze_at_end = True
   config.progress_bar = True
 

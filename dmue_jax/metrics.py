@@ -39,6 +39,9 @@ def _jsonable(v: Any):
   return v
 
 
+METRICS_FILE = 'metrics.jsonl'
+
+
 class MetricWriter:
   """Appends JSON lines to <workdir>/metrics.jsonl and scalars to TensorBoard event files.
 
@@ -50,7 +53,7 @@ class MetricWriter:
   def __init__(self, workdir: str, class_names: Sequence[str] | None = None):
     os.makedirs(workdir, exist_ok=True)
     self.class_names = list(class_names) if class_names is not None else None
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = os.path.join(workdir, METRICS_FILE)
     self._tb = None
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top

@@ -151,18 +151,19 @@ def create_train_state(config, rng: jax.Array, steps_per_epoch: int,
 
 
 # ------------------------------------------------------------------ the DMUE objective
-def dmue_forward(model: dmue_model.DMUEModel, dmue_cfg, variables, images, dropout_rng):
+def dmue_forward(model: dmue_model.DMUEModel, dmue_cfg, variables, images, dropout_rng,
+                 frozen_bn: bool = False):
   """The training-mode forward of a grouped batch, with the config's DMUE switches.
 
   images: [C, k, H, W, 3]. Returns (outputs of `DMUEModel.apply_train`, new batch_stats).
   """
   return model.apply_train(variables, images, dropout_rng=dropout_rng,
                            neck_stats_all_passes=dmue_cfg.neck_stats_all_passes,
-                           gram_features=not dmue_cfg.sp_on_aux_logits)
+                           gram_features=not dmue_cfg.sp_on_aux_logits, frozen_bn=frozen_bn)
 
 
 def dmue_terms(model: dmue_model.DMUEModel, dmue_cfg, params, batch_stats, images, epoch,
-               dropout_rng):
+               dropout_rng, frozen_bn: bool = False):
   """Loss terms on a grouped batch.
 
   images: [C, k, H, W, 3]; epoch: scalar (int or traced).
@@ -171,7 +172,7 @@ def dmue_terms(model: dmue_model.DMUEModel, dmue_cfg, params, batch_stats, image
   annotated class, m[i, y_i]}).
   """
   out, new_stats = dmue_forward(model, dmue_cfg, {'params': params, 'batch_stats': batch_stats},
-                                images, dropout_rng)
+                                images, dropout_rng, frozen_bn)
   out = gather_outputs(out, model.axis_name)
   c, k = out['z'].shape[:2]
   m = losses.class_similarity_means(z=out['z'])
@@ -196,12 +197,16 @@ def dmue_terms(model: dmue_model.DMUEModel, dmue_cfg, params, batch_stats, image
   return terms, extra
 
 
-def baseline_terms(model: dmue_model.DMUEModel, params, batch_stats, images, dropout_rng):
-  """Plain cross-entropy on the inference model (config.dmue.enabled = False)."""
+def baseline_terms(model: dmue_model.DMUEModel, params, batch_stats, images, dropout_rng,
+                   frozen_bn: bool = False):
+  """Plain cross-entropy on the inference model (config.dmue.enabled = False); with
+  `frozen_bn` in eval mode (running statistics, no dropout: Q7)."""
   c, k = images.shape[:2]
   flat = images.reshape((c * k,) + images.shape[2:])
   logits, _, new_stats = dmue_model.InferenceModel(model).apply(
-      {'params': params, 'batch_stats': batch_stats}, flat, train=True, dropout_rng=dropout_rng)
+      {'params': params, 'batch_stats': batch_stats}, flat, train=not frozen_bn,
+      dropout_rng=dropout_rng)
+  new_stats = batch_stats if frozen_bn else new_stats
   logits = gather_samples(logits.reshape(c, k, c), model.axis_name, 1)
   k = logits.shape[1]
   logits = logits.reshape(c * k, c)
@@ -307,11 +312,13 @@ def loss_terms(variables: Variables, images, labels, *, epoch, config, rng=None)
 
 
 # ------------------------------------------------------------------ steps
-def train_step(state: TrainState, batch, rng, *, config, steps_per_epoch: int, mesh=None):
+def train_step(state: TrainState, batch, rng, *, config, steps_per_epoch: int, mesh=None,
+               frozen_bn: bool = False):
   """One optimiser step on a grouped batch {'image': [C,k,H,W,3], 'label': [C,k]}.
 
   Images are uint8 (normalised here, on the device) or already normalised floats. With a mesh
   of several devices the networks run under `sharded_terms`, each device on its k/N samples.
+  `frozen_bn`: the network in eval mode (Q7, see `DMUEModel.apply_train`).
   Returns (new state, metrics). Randomness: fold_in(rng, step).
   """
   model = make_model(config)
@@ -324,8 +331,8 @@ def train_step(state: TrainState, batch, rng, *, config, steps_per_epoch: int, m
   def terms_fn(params, batch_stats, inputs, epoch, rng):
     images = input_pipeline.normalize_images(inputs['image'], inputs.get('erase'))
     if uses_dmue(config):
-      return dmue_terms(model, config.dmue, params, batch_stats, images, epoch, rng)
-    return baseline_terms(model, params, batch_stats, images, rng)
+      return dmue_terms(model, config.dmue, params, batch_stats, images, epoch, rng, frozen_bn)
+    return baseline_terms(model, params, batch_stats, images, rng, frozen_bn)
 
   if sharded:
     terms_fn = sharded_terms(terms_fn, mesh)
@@ -535,14 +542,16 @@ def predict_split(p_eval, variables, source, config, mesh, *, return_logits=Fals
   return (preds, labels, logits) if return_logits else (preds, labels)
 
 
-def make_jitted_steps(config, mesh, steps_per_epoch: int):
-  """(train_step, eval_fn) jitted over the mesh: state replicated, batches sharded."""
+def make_jitted_steps(config, mesh, steps_per_epoch: int, *, frozen_bn: bool = False):
+  """(train_step, eval_fn) jitted over the mesh (see `parallel.state_sharding`), batches
+  sharded; `frozen_bn`: the train step in eval mode (Q7)."""
   repl = parallel.replicated(mesh)
   state_shape = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0),
                                                           steps_per_epoch))
   state_sharding = parallel.state_sharding(state_shape, mesh)
   p_train = compiler.jit(
-      functools.partial(train_step, config=config, steps_per_epoch=steps_per_epoch, mesh=mesh),
+      functools.partial(train_step, config=config, steps_per_epoch=steps_per_epoch, mesh=mesh,
+                        frozen_bn=frozen_bn),
       in_shardings=(state_sharding, parallel.train_batch_sharding(mesh), repl),
       out_shardings=(state_sharding, repl), donate_argnums=0)
   p_eval = compiler.jit(functools.partial(eval_logits, config=config),
@@ -631,8 +640,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         'index': b['index'].astype(np.int32)} for b in local_batches),
       parallel.train_batch_sharding(mesh), 1)
   first_bad = jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(mesh))
+  p_train_frozen = None
   for step, batch in zip(range(start_step, total_steps), device_batches):
-    state, step_metrics = p_train(state, batch, dropout_rng)
+    if frozen_after_mid_epoch_eval(config, step, spe):
+      if p_train_frozen is None:
+        p_train_frozen, _ = make_jitted_steps(config, mesh, spe, frozen_bn=True)
+      state, step_metrics = p_train_frozen(state, batch, dropout_rng)
+    else:
+      state, step_metrics = p_train(state, batch, dropout_rng)
     dynamics = record_dynamics(dynamics, step_metrics.pop(SAMPLE_LOGITS), batch['index'])
     first_bad = _first_non_finite(first_bad, step_metrics['train_loss'], step + 1)
     done = step + 1
@@ -640,7 +655,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       progress.update(1)
     log_step = done % config.log_every_steps == 0 or done == total_steps
     epoch_end = done % spe == 0
-    save_step = epoch_end or done % config.checkpoint_every_steps == 0 or done == total_steps
+    mid_eval = mid_epoch_eval(config, step, spe)
+    save_step = (epoch_end or mid_eval or done % config.checkpoint_every_steps == 0
+                 or done == total_steps)
     # The first step is waited for too: the rate is measured from its end (compilation done).
     if not (log_step or save_step or step == start_step):
       continue
@@ -654,12 +671,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       writer.write(done, {'epoch': step // spe, **host_metrics,
                           'images_per_second': timer.rate()})
       _maybe_die_for_test(done)
-    if epoch_end and ((done // spe) % config.eval_every_epochs == 0 or done == total_steps):
+    evaluated = mid_eval or (epoch_end and ((done // spe) % config.eval_every_epochs == 0
+                                            or done == total_steps))
+    if evaluated:
       last_eval = evaluate_split(p_eval, state.variables, data.splits.test, config, mesh)
       if writer is not None:
-        writer.write(done, {'epoch': done // spe - 1, **last_eval})
+        writer.write(done, {'epoch': step // spe, **last_eval})
       logging.info('step %d epoch %d: eval accuracy %.4f, mean class accuracy %.4f', done,
-                   done // spe - 1, last_eval['eval_accuracy'],
+                   step // spe, last_eval['eval_accuracy'],
                    last_eval['eval_mean_class_accuracy'])
     if save_step:
       # The loss is computed before the update, so a step can leave NaN/Inf parameters behind
@@ -668,7 +687,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         mgr.wait_until_finished()
         raise _non_finite('the parameters became non-finite', done, spe, mgr.directory)
       ckpt_metrics = ({'eval_accuracy': last_eval['eval_accuracy']}
-                      if epoch_end and last_eval is not None else None)
+                      if evaluated and last_eval is not None else None)
       checkpoints.save(mgr, done, state, _meta(config, data, done), metrics=ckpt_metrics,
                        dynamics=dynamics)
   if progress is not None:
@@ -676,7 +695,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   if last_eval is None:  # resumed after the end, or no epoch end in this run
     last_eval = evaluate_split(p_eval, state.variables, data.splits.test, config, mesh)
-  results = {**last_eval, 'steps': int(total_steps), 'epochs': int(config.num_epochs),
+  results = {**last_eval, **best_evaluation(workdir),
+             'steps': int(total_steps), 'epochs': int(config.num_epochs),
              'steps_per_epoch': spe, 'train_images_per_second': timer.rate(),
              'class_names': list(data.splits.class_names), 'dmue': bool(config.dmue.enabled),
              'num_devices': jax.device_count(), 'num_processes': jax.process_count(),
@@ -688,11 +708,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                       os.path.join(workdir, 'confusion_matrix.png'))
     writer.close()
   mgr.close()
-  if config.analyze_at_end and uses_dmue(config):
+  if config.analyze_at_end:
     from dmue_jax import analyze  # pylint: disable=g-import-not-at-top (analyze imports train)
     results.update(analyze.analyze(workdir, config=config, state=state, data=data,
                                    dynamics=dynamics))
   return results
+
+
+def mid_epoch_eval(config, step: int, steps_per_epoch: int) -> bool:
+  """Whether 0-based `step` ends with a mid-epoch test: the reference tests on the test split
+  after every config.eval_every_steps-th batch of an epoch (and at its end, separately)."""
+  every = config.eval_every_steps
+  batch = step % steps_per_epoch + 1
+  return bool(every) and batch % every == 0 and batch != steps_per_epoch
+
+
+def frozen_after_mid_epoch_eval(config, step: int, steps_per_epoch: int) -> bool:
+  """Whether 0-based `step` trains in eval mode (README, Reference quirks, Q7): after the
+  epoch's first mid-epoch test, until the epoch ends."""
+  every = config.eval_every_steps
+  return (bool(config.eval_freezes_rest_of_epoch) and bool(every)
+          and every < step % steps_per_epoch + 1 <= steps_per_epoch)
+
+
+def best_evaluation(workdir: str) -> dict:
+  """{'best_eval_accuracy', 'best_eval_step'} over every evaluation of the run so far (from
+  metrics.jsonl): chosen on the test split, as the paper's numbers were."""
+  path = os.path.join(workdir, metrics_lib.METRICS_FILE)
+  records = [r for r in metrics_lib.read_jsonl(path) if 'eval_accuracy' in r] if (
+      os.path.exists(path)) else []
+  if not records:
+    return {}
+  best = max(records, key=lambda r: (r['eval_accuracy'], -r['step']))
+  return {'best_eval_accuracy': best['eval_accuracy'], 'best_eval_step': best['step']}
 
 
 def _maybe_die_for_test(step: int) -> None:

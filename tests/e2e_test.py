@@ -7,9 +7,12 @@ import signal
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from configs import default
+from dmue_jax import checkpoints
 from dmue_jax import metrics as metrics_lib
 from dmue_jax import train
 
@@ -112,6 +115,15 @@ def test_killed_and_restarted_run_equals_uninterrupted(tmp_path, cache):
   # It really resumed rather than training again from scratch.
   assert re.search(r'Resumed from \S+ at step [34]\.', restarted.stderr), restarted.stderr[-2000:]
   assert train_losses(broken) == train_losses(whole)
+  # The training dynamics (per-sample margins and softmax sums) resume exactly too.
+  saved = {}
+  for name, workdir in (('whole', whole), ('broken', broken)):
+    mgr = checkpoints.manager(str(workdir), read_only=True)
+    saved[name] = checkpoints.restore_dynamics(mgr, 6, train.Dynamics.zeros(140, 7))
+    mgr.close()
+  assert int(saved['whole'].count.sum()) == 6 * 7 * 2  # 6 steps of 7 classes x 2
+  for a, b in zip(jax.tree.leaves(saved['whole']), jax.tree.leaves(saved['broken'])):
+    np.testing.assert_array_equal(a, b)
   a = json.loads((whole / 'results.json').read_text())
   b = json.loads((broken / 'results.json').read_text())
   assert a['eval_accuracy'] == b['eval_accuracy']
@@ -190,3 +202,59 @@ def test_unknown_config_variant_is_one_clear_error(tmp_path):
   assert len(lines) == 1, proc.stderr
   assert "'tiny'" in lines[0] and 'paper, runlocal' in lines[0]
   assert not os.path.exists(tmp_path / 'w')
+
+
+def _stats_by_step(workdir, steps, config):
+  """{step: the flattened batch statistics saved at that step}."""
+  mgr = checkpoints.manager(workdir, read_only=True)
+  target = jax.eval_shape(lambda k: train.create_train_state(config, k, 3), jax.random.key(0))
+  out = {}
+  for step in steps:
+    state, _ = checkpoints.restore(mgr, step, target)
+    out[step] = np.concatenate([np.ravel(a) for a in jax.tree.leaves(state.batch_stats)])
+  mgr.close()
+  return out
+
+
+@pytest.mark.parametrize('freeze', [True, False])
+def test_mid_epoch_test_freezes_batch_norm_until_the_epoch_ends(tmp_path, cache, freeze):
+  """Q7: with a test after every batch, the epoch's first test (after step 1) leaves the
+  network in eval mode for steps 2 and 3: the running statistics stop changing until the next
+  epoch's first step. The switch turns that off. Every test is recorded, and the best one."""
+  config = tiny_config(cache)
+  config.eval_every_steps = 1
+  config.eval_freezes_rest_of_epoch = freeze
+  config.keep_checkpoints = 10
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(config, workdir)
+  evals = [r for r in metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+           if 'eval_accuracy' in r]
+  assert [r['step'] for r in evals] == [1, 2, 3, 4, 5, 6]
+  best = max(evals, key=lambda r: (r['eval_accuracy'], -r['step']))
+  assert (results['best_eval_accuracy'], results['best_eval_step']) == (
+      best['eval_accuracy'], best['step'])
+  stats = _stats_by_step(workdir, range(1, 7), config)
+  same = lambda a, b: np.array_equal(stats[a], stats[b])
+  assert not same(3, 4)  # a new epoch trains BatchNorm again
+  pairs = [same(1, 2), same(2, 3), same(4, 5)]
+  assert pairs == [freeze] * 3
+
+
+def test_frozen_train_step_has_no_dropout_and_keeps_statistics():
+  config = default.get_config('tiny')
+  state = train.create_train_state(config, jax.random.key(0), 3)
+  rng = np.random.default_rng(0)
+  batch = {'image': jax.numpy.asarray(rng.integers(0, 255, (7, 2, 32, 32, 3)), jax.numpy.uint8),
+           'label': jax.numpy.asarray(np.repeat(np.arange(7), 2).reshape(7, 2))}
+  losses = {}
+  for frozen in (False, True):
+    step = jax.jit(lambda s, b, r, frozen=frozen: train.train_step(
+        s, b, r, config=config, steps_per_epoch=3, frozen_bn=frozen))
+    outs = [step(state, batch, jax.random.key(seed)) for seed in (1, 2)]
+    losses[frozen] = [float(m['train_loss']) for _, m in outs]
+    if frozen:
+      for new_state, _ in outs:
+        for a, b in zip(jax.tree.leaves(new_state.batch_stats), jax.tree.leaves(state.batch_stats)):
+          np.testing.assert_array_equal(a, b)
+  assert losses[True][0] == losses[True][1]      # no dropout: the rng changes nothing
+  assert losses[False][0] != losses[False][1]

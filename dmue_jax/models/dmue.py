@@ -220,7 +220,8 @@ class DMUEModel:
     return jnp.stack(ys), jax.tree.map(lambda *a: jnp.stack(a), *new_stats)
 
   def apply_train(self, variables: Variables, x: jax.Array, *, dropout_rng=None,
-                  neck_stats_all_passes: bool = True, gram_features: bool = False):
+                  neck_stats_all_passes: bool = True, gram_features: bool = False,
+                  frozen_bn: bool = False):
     """The training forward pass on a class-grouped batch.
 
     Args:
@@ -230,6 +231,9 @@ class DMUEModel:
       neck_stats_all_passes: SPEC Q4 (reference): the neck's running statistics see all 2C+1
         passes in the reference order; False: only the target pass updates them.
       gram_features: also return the auxiliary neck features (for the paper's feature Grams).
+      frozen_bn: every BatchNorm normalises with its running statistics and leaves them
+        alone, and dropout is off: the reference's network after a mid-epoch test left it in
+        eval mode (README, Reference quirks, Q7). The loss and gradients are still computed.
     Returns:
       (out, new_batch_stats), out holding
         aux_logits    [C, (C-1)k, C-1]  auxiliary head c on its y != c samples
@@ -244,8 +248,16 @@ class DMUEModel:
     k = x.shape[1]
     n = c * k
     img = x.reshape((n,) + x.shape[2:])
-    h, trunk_stats = self.trunk.apply({'params': params['trunk'], 'batch_stats': stats['trunk']},
-                                      img, train=True, mutable=['batch_stats'])
+    bn_train = not frozen_bn
+    if frozen_bn:
+      dropout_rng = None
+      h = self.trunk.apply({'params': params['trunk'], 'batch_stats': stats['trunk']}, img,
+                           train=False)
+      trunk_stats = {'batch_stats': stats['trunk']}
+    else:
+      h, trunk_stats = self.trunk.apply(
+          {'params': params['trunk'], 'batch_stats': stats['trunk']}, img, train=True,
+          mutable=['batch_stats'])
     hg = h.reshape((c, k) + h.shape[1:])
     # Auxiliary branch c on its y != c samples; then (updating its BatchNorm averages again,
     # in the reference's order) on its own class for the latent distribution; the target branch
@@ -260,12 +272,12 @@ class DMUEModel:
     first = lambda t: t[:c] if isinstance(t, list) else jax.tree.map(lambda a: a[:c], t)
     last = lambda t: t[c:] if isinstance(t, list) else jax.tree.map(lambda a: a[c:], t)
     aux_feats, aux_stats = self.apply_branches(first(branches), first(stats['branches']),
-                                               aux_in, train=True)
+                                               aux_in, train=bn_train)
     lat_feats, lat_stats = self.apply_branches(
         jax.lax.stop_gradient(first(branches)), aux_stats, jax.lax.stop_gradient(hg),
-        train=True)
+        train=bn_train)
     tgt_feats, tgt_stats = self.apply_branches(last(branches), last(stats['branches']),
-                                               h[None], train=True)
+                                               h[None], train=bn_train)
     branch_stats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), lat_stats, tgt_stats)
     pool = jax.vmap(lambda f: resnet.pool(f, self.pooling))
     aux_z = pool(aux_feats)                 # [C, (C-1)k, D]
@@ -277,8 +289,12 @@ class DMUEModel:
                           sample_axis=2).reshape(aux_z.shape)
     target_in = self._dropout(z.reshape(c, k, d), dropout_rng, 1,
                               sample_axis=1).reshape(z.shape)
-    neck_out, neck_stats = self._neck_train(params, stats, aux_z, target_in, latent_z,
-                                            neck_stats_all_passes)
+    if frozen_bn:
+      neck_out = tuple(self._neck_eval(params, stats, a) for a in (aux_z, target_in, latent_z))
+      neck_stats = stats['neck']
+    else:
+      neck_out, neck_stats = self._neck_train(params, stats, aux_z, target_in, latent_z,
+                                              neck_stats_all_passes)
     aux_f, target_f, latent_f = neck_out
     aux_logits = jnp.einsum('cnd,cdo->cno', aux_f, params['aux_heads']['kernel'])
     latent_logits = jnp.einsum('cnd,cdo->cno', latent_f, params['aux_heads']['kernel'])
@@ -343,6 +359,13 @@ class DMUEModel:
     aux_f, _ = neck(aux_z, stats['neck'], True)
     latent_f, _ = neck(latent_z, stats['neck'], True)
     return (aux_f, target_f, latent_f), s
+
+  def _neck_eval(self, params, stats, x):
+    """The neck on its running statistics (any leading shape)."""
+    if not self.bnneck:
+      return x
+    return self.neck.apply({'params': params['neck'], 'batch_stats': stats['neck']}, x,
+                           train=False)
 
   def apply_pue(self, params, stats_input):
     """[N, 2C] -> [N, 1] uncertainty score."""

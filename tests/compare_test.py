@@ -1,0 +1,80 @@
+"""The compare command: DMUE and the baseline from identical weights, side by side."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from configs import default
+from dmue_jax import compare
+from dmue_jax import metrics as metrics_lib
+from dmue_jax.models import dmue as dmue_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_both_arms_start_from_the_same_weights():
+  config = default.get_config('tiny')
+  dmue_vars = compare.start_variables(config, 'dmue')
+  base_vars = compare.start_variables(config, 'baseline')
+  assert dmue_model.is_inference_variables(base_vars)
+  assert not dmue_model.is_inference_variables(dmue_vars)
+  for a, b in zip(jax.tree.leaves(dmue_model.inference_variables(dmue_vars)),
+                  jax.tree.leaves(base_vars)):
+    np.testing.assert_array_equal(a, b)
+  assert compare.fingerprint(dmue_vars) == compare.fingerprint(base_vars)
+  other = default.get_config('tiny')
+  other.seed = 1
+  assert compare.fingerprint(compare.start_variables(other, 'dmue')) != compare.fingerprint(
+      dmue_vars)
+
+
+def test_compare_command_writes_the_table_and_json(tmp_path):
+  workdir = tmp_path / 'cmp'
+  cmd = [sys.executable, '-m', 'dmue_jax.compare', '--config', 'configs/default.py:tiny',
+         '--workdir', str(workdir), '--label-noise', '0,0.3', '--config.progress_bar=False',
+         f'--config.input.cache_dir={tmp_path / "tfds"}']
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads((workdir / 'comparison.json').read_text())
+  assert [row['label_noise'] for row in out['runs']] == [0.0, 0.3]
+  for row in out['runs']:
+    for arm in compare.ARMS:
+      for field in ('eval_accuracy', 'eval_mean_class_accuracy', 'noisy_label_auroc',
+                    'flagged_recall', 'suggested_label_accuracy', 'start_fingerprint'):
+        assert field in row[arm], (arm, field)
+    assert 'latent_kl_to_truth' in row['dmue']
+    assert row['dmue']['start_fingerprint'] == row['baseline']['start_fingerprint']
+    assert row['accuracy_gain'] == row['dmue']['eval_accuracy'] - row['baseline']['eval_accuracy']
+    noise_dir = workdir / f'noise_{row["label_noise"]:g}'
+    for arm in compare.ARMS:
+      results = json.loads((noise_dir / arm / 'results.json').read_text())
+      assert results['dmue'] == (arm == 'dmue')
+  table = proc.stdout
+  assert '| label noise | figure | baseline | DMUE | DMUE - baseline |' in table
+  assert (workdir / 'comparison.md').read_text().strip() == compare.format_table(out).strip()
+  # Run again: both arms resume at their end, nothing is trained twice.
+  before = {arm: metrics_lib.read_jsonl(str(workdir / 'noise_0' / arm / 'metrics.jsonl'))
+            for arm in compare.ARMS}
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  again = json.loads((workdir / 'comparison.json').read_text())
+  assert again['runs'][0]['dmue']['eval_accuracy'] == out['runs'][0]['dmue']['eval_accuracy']
+  for arm in compare.ARMS:
+    after = metrics_lib.read_jsonl(str(workdir / 'noise_0' / arm / 'metrics.jsonl'))
+    assert [r['step'] for r in after if 'train_loss' in r] == [
+        r['step'] for r in before[arm] if 'train_loss' in r]
+
+
+def test_bad_noise_list_is_one_clear_error(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'dmue_jax.compare', '--config', 'configs/default.py:tiny',
+       '--workdir', str(tmp_path / 'w'), '--label-noise', '0,lots'],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  assert '--label-noise' in proc.stderr.strip().splitlines()[-1]
