@@ -1,102 +1,19 @@
-"""Convolution, max-pools and batch norm whose gradients avoid XLA:CPU's slow paths.
+"""The CPU layer set (`CPU`): convolutions, max-pools and batch norm whose gradients suit XLA:CPU.
 
-Convolution. XLA:CPU computes the kernel gradient of a convolution as another convolution whose
-"kernel" is the whole output gradient. On 2026-11-28 (a 2-core x86 CPU, batch 70, 112 px input)
-that was very slow for the early, wide-spatial ResNet layers: the 3x3 64->64 conv of layer1
-(28x28) took 1.33 s for its kernel gradient against 0.07 s for its forward pass. Written per
-kernel tap, dW[i, j] = sum over (n, h, w) of x[n, s*h+i, s*w+j, :]^T g[n, h, w, :], the same
-gradient is k*k plain matmuls and took 0.16 s. Where the input has few channels (the stem's 7x7
-conv on RGB), one matmul on the gathered patches [N*Ho*Wo, k*k*Ci] is faster still.
+`config.model.kernels='auto'` picks this set on a CPU; GPU and TPU run XLA's own layers
+(`layers.XLA`). Each function computes what XLA computes, to float32 rounding (tested down to the
+gradient of the whole DMUE loss), but avoids a path that XLA:CPU runs slowly:
 
-Re-measured on 2026-12-03 (jax 0.10.2, same shapes, forward + both gradients), XLA's own
-gradient had caught up for stride-1 convolutions with YNNPACK's kernels (layer1 3x3: 141 vs
-168 ms with taps), and the taps still won for strided ones. With XLA's Eigen kernels, which
-`compiler.options()` selects for convolutions on CPU, XLA's gradient wins almost everywhere
-(forward + gradients, ms, XLA vs taps: stem 39 vs 154; layer2 3x3/2 38 vs 62; layer3 3x3/2 29 vs 29;
-only the 1x1/2 downsamples, 5-12 ms, are a few ms faster with taps). So the tap kernel
-gradients are no longer the default; they stay for comparison (`conv_general_dilated` and
-`conv_strided_taps`), and they were the better choice with YNNPACK. What the CPU kernel set (`CPU`) uses
-today is Winograd's and the valid-tap convolution below, each where it wins.
-
-Valid taps (2026-12-04). A 3x3 convolution with padding 1 on layer4's 4x4 map (112 px input)
-multiplies zero padding in 44 of its 144 (output, tap) pairs. `conv_valid_taps` computes the
-convolution as one matmul per tap over only the outputs whose input is real, 31 % fewer FLOPs
-there, and a strided convolution reads only the rows and columns it keeps. Forward + both
-gradients, ms, XLA's convolution vs valid taps (three interleaved rounds, one process): layer4
-3x3 512->512 on [60, 4, 4, 512] 48.0-48.7 vs 38.9-41.0; layer4's 3x3/2 256->512 26.4-29.3 vs
-19.7-20.4; layer3's 3x3/2 25.4-26.1 vs 21.1-22.3; the 1x1/2 downsamples 10.5-14.8 vs 4.0-4.6
-(layer2), 3.5-4.0 vs 3.2-3.3 (layer4); but layer1's 3x3 52.7-56.5 vs 125-132, layer2's 3x3
-44.0-44.7 vs 64.6-66.8, layer3's 3x3 on 7x7 (82 % of pairs real) 40.3-41.2 vs 40.2-41.4, and
-layer2's 3x3/2 on 64 channels 38.0-45.2 vs 39.4-52.7. `valid_taps_win` encodes that table and
-`conv_auto`, the CPU default, picks per shape. The DMUE step went from 3.67 to 3.36 s
-(interleaved, one process). For reference, PyTorch 2.13's oneDNN convolutions take 59 ms (16
-forward, 43 backward) for the layer4 3x3 in its DMUE step on this CPU.
-
-Re-measured on 2026-12-05, after matrix products moved to YNNPACK (compiler.py), with the
-forward output kept and a nonlinear cotangent (medians of seven, ms, XLA vs valid taps, two
-runs): layer3's 3x3/2 128->256 46.0-53.5 vs 54.6-59.3, now XLA's; layer4's 3x3/2 42.1-45.4 vs
-39.9-42.1 and 3x3 73.7-77.2 vs 64.8-71.0, and the 1x1/2 downsample 18.1-21.9 vs 8.4-10.5, still
-the taps'. Routing layer3's 3x3/2 to XLA, the DMUE step (interleaved, one process, medians of
-seven and nine): 3.107 -> 3.005 s and 3.176 -> 3.156 s. So strided convolutions take the taps
-from 256 input channels (was 128).
-
-Winograd (2026-12-05). `conv_winograd` computes a stride-1 3x3 convolution by F(2x2, 3x3): 16
-products per 2x2 output tile where direct convolution has 36, as one batched matmul of
-[16, N*tiles, Ci] @ [16, Ci, Co] between three linear transforms, each with its transpose as a
-custom gradient (one pass each; autodiff of their slices padded and added term by term and
-made the first version slower than the valid taps). On layer4's 4x4 map that is 64 products
-per (sample, Ci, Co) against the valid taps' 100. Forward and both gradients at batch 70,
-medians of seven interleaved rounds, ms, XLA / valid taps or XLA (`conv_auto` before) /
-Winograd: layer4 3x3 512->512 on 4x4 96.9 / 84.1 / 50.3; layer3 3x3 256 on 7x7 68.1 / 67.4 /
-64.1; layer2 3x3 128 on 14x14 82.8 / 79.8 / 72.4; layer1 3x3 64 on 28x28 119.5 / 121.5 / 127.5
-(its 64-channel matmuls are too thin). The DMUE step (interleaved, one process, Winograd from
-WINOGRAD_MIN_CHANNELS input channels): medians of seven, none 3.230 s, 512 2.857 s, 128 2.883
-s, 64 2.964 s; medians of nine, 512 2.720 s, 256 2.735 s, 128 2.698 s. So Winograd is the
-CPU choice for float32 stride-1 3x3 convolutions from 128 input channels where it multiplies
-at most 3/4 of what the valid taps do (not on 2x2 maps, where both need 16 products per
-output tile). Its float32 error on layer4's shape, max over outputs relative to the largest
-exact (float64) output: 6.5e-7, against 5.1e-7 for XLA's convolution and 5.0e-7 for the valid
-taps (over other seeds and shapes, 0.6 to 3 times XLA's error). bfloat16 keeps the valid taps
-and XLA.
-
-`conv_general_dilated` has lax's signature so that it can be handed to `flax.linen.Conv`; it
-takes the tap path for ordinary NHWC/HWIO convolutions (no dilation, no groups, explicit padding)
-and is `lax.conv_general_dilated` otherwise; `conv_strided_taps` does so for strided ones only.
-The forward pass and the input gradient are XLA's own.
-
-Max-pool. The gradient of the reference stem's 2x2/2 max-pool is a select-and-scatter on XLA, which
-took 0.33 s on [70, 56, 56, 64] (forward 0.01 s). Non-overlapping windows make it an elementwise
-mask instead: `max_pool_2x2` routes each window's gradient to its first maximal entry in row-major
-order, as PyTorch's max_pool2d and XLA's select-and-scatter do. The standard stem's 3x3/2 pool
-(padding 1) has overlapping windows; `max_pool_3x3` uses the same first-maximum masks per tap
-and adds the nine masked gradients back by interleaving even and odd rows and columns (with
-stride 2, even padded positions are tap 0 of one window and tap 2 of the one before, odd ones
-tap 1), dense ops only; the value is XLA's reduce-window. Measured on 2026-12-03, forward +
-gradient: 316 ms against XLA's 1269 ms on [70, 112, 112, 64] (ResNet-50-IBN at 224 px), 3.2
-against 10.6 ms on the default config's [56, 32, 32, 16]. The gradient equals XLA's up to the
-order in which a position that is the maximum of several windows sums their gradients.
-
-Batch norm. XLA:CPU reduces a 4-D map over three axes several times slower than it streams the
-same data through a matrix-vector product (2026-12-03, [70, 28, 28, 64]: 4.9 ms against 1.0 ms
-for ones[N] @ x.reshape(N, -1) and a sum of the [H*W, C] rows left), and the autodiff of batch
-norm adds two more such reductions to the backward pass. `batch_norm_matmul` computes the batch
-statistics and, in a custom gradient, the two backward sums that way. BN + ReLU forward and
-backward, against the autodiff of the same arithmetic (interleaved): 75 vs 148 ms on the stem's
-[70, 56, 56, 64], 9.2 vs 25.6 ms on [70, 28, 28, 64], 4.3 vs 12.0 ms on [70, 14, 14, 128],
-1.5 vs 4.5 ms on [60, 4, 4, 512]. The plain ResNet-18 train step went from 37.3 to 42.6 img/s
-(interleaved); the DMUE step gains little (the trunk alone 1.62 -> 1.33 s; README, Measured).
-The two short sums round less than XLA's long one.
-
-Materialised activations. The kernel gradient of an XLA:CPU convolution reads its input
-transposed ([N, H, W, C] -> [C, H, W, N]), and XLA fuses that transpose with the elementwise ops
-that produced the input (BN, residual add, ReLU), recomputing them in transposed order instead
-of reading the buffer the forward pass already wrote: on 2026-12-04 one such fusion recomputed
-two blocks of layer1 (three [70, 28, 28, 64] reads per output entry, 86 ms per step). XLA:CPU
-drops `lax.optimization_barrier` before fusion, but cannot fuse through a conditional, so
-`CPU.materialize` gives resnet.Block an identity `lax.cond` for its activations. The
-transposes become plain copies (14.5 ms each there); all activation transposes of the DMUE step
-went from about 0.72 to 0.49 CPU-s and the step from 3.88-4.10 to 3.59-3.69 s (three interleaved
-pairs in one process).
+* `conv_auto` picks per shape: `conv_winograd` (F(2x2, 3x3): 16 products per 2x2 output tile
+  instead of 36) for float32 stride-1 3x3 convolutions from WINOGRAD_MIN_CHANNELS input channels,
+  `conv_valid_taps` (one matmul per kernel tap over only the outputs whose input is real, so small
+  maps skip their zero padding) where `valid_taps_win`, else XLA's convolution.
+* `max_pool_2x2`, `max_pool_3x3`: gradients as first-maximum masks, not select-and-scatter.
+* `batch_norm_matmul`: statistics and backward sums as ones @ x products, not 4-D reductions.
+* `identity_cond`: a conditional XLA cannot fuse through, so activations are written once rather
+  than recomputed inside the transposes before each kernel gradient.
+The tap kernel gradients (`conv_general_dilated`, `conv_strided_taps`) stay for comparison. The
+measurements behind each choice: docs/performance.md, "models/fast_grads.py".
 """
 
 from __future__ import annotations
