@@ -124,7 +124,12 @@ def config_from_meta(meta: dict):
   import ml_collections  # pylint: disable=g-import-not-at-top
   from dmue_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(json.loads(meta['config']))
+  # Runs saved before AffectNet faces were aligned from their landmarks were trained on box
+  # crops: evaluate them on what they saw.
+  aligned_before = 'affectnet_align' in config.get('input', {})
   _fill_missing(config, config_lib.base_config())
+  if not aligned_before:
+    config.input.affectnet_align = 'box'
   return config
 
 

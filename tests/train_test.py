@@ -325,11 +325,16 @@ def test_config_saved_before_a_field_existed_gets_its_default():
   config.optim.head_lr = ((3, 2e-3),)
   saved = json.loads(config.to_json())
   del saved['optim']['pue_lr']
+  del saved['input']['affectnet_align']
   restored = checkpoints.config_from_meta({'config': json.dumps(saved)})
   assert restored.optim.pue_lr == config_lib.base_config().optim.pue_lr
   np.testing.assert_allclose(restored.optim.head_lr, [[3, 2e-3]])  # saved values are kept
   config_lib.validate(restored, for_training=False)  # as evaluate/analyze validate a run
   train.make_optimizer(restored, steps_per_epoch=5)
+  # A run from before landmark alignment was trained on AffectNet's box crops.
+  assert restored.input.affectnet_align == 'box'
+  assert checkpoints.config_from_meta({'config': config.to_json()}).input.affectnet_align == (
+      config.input.affectnet_align)
 
 
 def test_paper_variant_learns_the_pue_mlp_and_the_neck():
