@@ -5,7 +5,7 @@ r"""DMUE on RAF-DB basic (7 classes), ResNet-18, the reference hyper-parameters.
 
 `:runlocal` shrinks the run for a laptop: --config configs/rafdb.py:runlocal
 `:paper` learns the PUE MLP and the BN-neck as the paper describes (the authors' code freezes
-them, SPEC Q2); every dataset config has both, and `:runlocal,paper` combines them.
+them, README quirk Q2); every dataset config has both, and `:runlocal,paper` combines them.
 """
 
 from dmue_jax import config_lib

@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.input.batch_per_class = 10   # k: every training batch holds exactly k per class
   config.input.label_noise = 0.0      # symmetric label-noise rate applied to the train split
   config.input.label_noise_seed = 0
-  config.input.augment = True         # the reference augmentation (SPEC Q5)
+  config.input.augment = True         # the reference augmentation (README quirk Q5)
   config.input.eval_batch_size = 64
   config.input.num_workers = 0        # threads building batches ahead; 0 = the usable cores
   config.input.synthfer_num_train = 2800
@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.dmue.T = 1.2
   config.dmue.w = 0.5
   config.dmue.gamma = 1000.0
-  # Reference quirks (SPEC Q2-Q4); True reproduces the authors' code.
+  # Reference quirks (README quirk Q2-Q4); True reproduces the authors' code.
   config.dmue.freeze_pue = True       # Q2: the PUE MLP is never updated
   config.dmue.freeze_neck = True      # Q2: the BN-neck is never updated
   config.dmue.sp_on_aux_logits = True  # Q3: Gram of aux logits vs target features
@@ -225,6 +225,10 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
   weights. SynthFER (configs/default.py) trains from scratch by design.
   """
   dataset = config.input.dataset
+  if config.model.init_from == 'synthfer_pretrained' and dataset != 'synthfer':
+    raise ConfigError("config.model.init_from='synthfer_pretrained' is the SynthFER demo's "
+                      'pretrained start; for configs/{dataset}.py pass a weights file or '
+                      "'scratch'.".format(dataset=dataset))
   if config.model.init_from or dataset == 'synthfer':
     return
   raise ConfigError(
@@ -303,7 +307,7 @@ def apply_scratch_defaults(config: ml_collections.ConfigDict,
 
 def paper_behaviour(config: ml_collections.ConfigDict) -> None:
   """The `:paper` variant: the PUE MLP and the BN-neck are learned, as the paper describes
-  (SPEC Q2), instead of staying at their initialisation as in the authors' code."""
+  (README quirk Q2), instead of staying at their initialisation as in the authors' code."""
   config.dmue.freeze_pue = False
   config.dmue.freeze_neck = False
 

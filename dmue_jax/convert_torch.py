@@ -461,7 +461,7 @@ def _warn_stem(fmt, config, source):
   """The stem has no parameters, so a wrong config.model.stem cannot be detected: say so.
 
   torchvision nets use the standard stem; the official nets (DMUE and MS-Celeb pretraining)
-  the no-ReLU 2x2-pool one (SPEC Q1), except ResNet-50-IBN-a, which has the standard one.
+  the no-ReLU 2x2-pool one (README quirk Q1), except ResNet-50-IBN-a, which has the standard one.
   """
   backbone = config.model.backbone
   if fmt == 'torchvision':

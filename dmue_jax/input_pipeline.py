@@ -5,7 +5,7 @@ A *source* is anything random-access with `len(source)` and `source[i] -> {'imag
 pipeline knows nothing of models; it turns a source into NumPy batches with static shapes.
 
 Training batches (`TrainBatches`) are grouped by class, `image: float32[C, k, S, S, 3]`, because
-the DMUE losses need fixed per-class subsets (SPEC "Recommended design"). Sampling differs from
+the DMUE losses need fixed per-class subsets (the reference's boolean masks as static slices). Sampling differs from
 the reference on purpose:
 
 * Reference (`datasets/sampler.py`): i.i.d. draws *with replacement*, probability proportional to
@@ -21,13 +21,13 @@ the reference on purpose:
   exactly the batches it would have seen, and N processes each building their own columns of the
   k axis together hold exactly the one-process batch.
 
-Augmentation (SPEC Q5), matching the reference's data path: the reference stores images already
+Augmentation (README quirk Q5), matching the reference's data path: the reference stores images already
 resized to 256x256 with `cv2.INTER_CUBIC` (`preprocess/make_lmdb.py`); its dataset adds Gaussian
 noise to that stored image with p=0.25 (`datasets/bases.py`: noise N(0, 30) in variance, clipped
 to [0, 255], cast to uint8, i.e. truncated); torchvision then applies RandomCrop 224, horizontal
 flip p=0.5, ToTensor + Normalize(0.5, 0.5) and `RandomErasing(scale=(0.02, 0.25))` (p=0.5, aspect
 ratio log-uniform in (0.3, 3.3), value 0, 10 tries). Evaluation: resize, centre crop, normalise.
-Note that the noise therefore lands on the *resized* image, not on the source image (SPEC Q5
+Note that the noise therefore lands on the *resized* image, not on the source image (README quirk Q5
 words it as "before everything"): on RAF-DB's 100x100 faces noise added before an upsampling to
 256 would be smoothed away.
 """
@@ -47,7 +47,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-# Reference augmentation constants (SPEC Q5; FaceX-Zoo DMUE `datasets/`).
+# Reference augmentation constants (README quirk Q5; FaceX-Zoo DMUE `datasets/`).
 NOISE_PROB = 0.25
 NOISE_STD = math.sqrt(30.0)  # on the uint8 scale
 FLIP_PROB = 0.5
@@ -172,7 +172,7 @@ def erase_box(rng: np.random.Generator, height: int,
 
 def train_transform(image: np.ndarray, rng: np.random.Generator, *, image_size: int,
                     resize_size: int) -> np.ndarray:
-  """The reference training augmentation (SPEC Q5), see the module docstring.
+  """The reference training augmentation (README quirk Q5), see the module docstring.
 
   Args:
     image: uint8[H, W, 3], any H, W.

@@ -83,7 +83,7 @@ def sp_loss(*, aux: jax.Array, target_feats: jax.Array) -> jax.Array:
   """Similarity-preserving loss between each auxiliary branch and the target branch.
 
   aux: [C, (C-1)k, P] what branch c's Gram is built from (the reference: its logits, P = C-1;
-    SPEC Q3), rows in the order of its "y != c" subset.
+    README quirk Q3), rows in the order of its "y != c" subset.
   target_feats: [C, k, D] target features after dropout and neck.
   Returns mean over c of MSE(normalize(aux_c aux_cᵀ), normalize(f_sub f_subᵀ)), f_sub the
   target features of the same "y != c" rows.

@@ -5,7 +5,7 @@ sharded along k (each device holds k/N samples of *every* class); the train stat
 replicated. Because the step is one global jit program (no pmap, no per-device code), XLA
 inserts the collectives: BatchNorm statistics, the class-similarity means and the Gram matrices
 are over the global batch, so N devices compute what one device computes (unlike the
-reference's DataParallel, SPEC Q6).
+reference's DataParallel, README quirk Q6).
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def _torch_adam(lr_schedule, optim):
 
 
 def param_groups(params, config) -> Any:
-  """Labels each parameter 'backbone', 'head' or 'frozen' (SPEC 6 and Q2).
+  """Labels each parameter 'backbone', 'head' or 'frozen' (README quirk Q2).
 
   The reference optimises only `base` (trunk + every layer4) and `classifiers`; the PUE MLP and
   the neck never change. The paper's variant (freeze_pue / freeze_neck False) learns the neck's
@@ -505,10 +505,21 @@ def _load_splits(config):
 
 
 def initial_variables(config, rng) -> Variables:
-  """Random variables ('' or 'scratch'), or those of config.model.init_from (official torch
-  weights)."""
+  """Random variables ('' or 'scratch'), or those of config.model.init_from: official torch
+  weights, a dmue_jax backbone (.npz, `pretrain.save_backbone`), or 'synthfer_pretrained'
+  (`pretrain.ensure_pretrained`)."""
   if config.model.init_from in ('', 'scratch'):
     return init_variables(config, rng)
+  from dmue_jax import pretrain  # pylint: disable=g-import-not-at-top (pretrain trains)
+  path = config.model.init_from
+  if path == pretrain.KEYWORD:
+    path = pretrain.ensure_pretrained(config)
+  if path.endswith('.npz'):
+    try:
+      return pretrain.load_backbone(path, init_variables(config, rng))
+    except (OSError, ValueError, KeyError) as e:
+      raise checkpoints.CheckpointError(
+          f'config.model.init_from={path}: cannot load it as a dmue_jax backbone ({e}).') from e
   from dmue_jax import convert_torch  # pylint: disable=g-import-not-at-top
   variables = convert_torch.load_official_checkpoint(config.model.init_from, config)
   if not uses_dmue(config):

@@ -129,7 +129,7 @@ class MultiBranchResNet(nn.Module):
     self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
     self.bn1 = nn.BatchNorm2d(width)
     if self.stem == 'reference':
-      # No ReLU before the pool, and a 2x2 pool (SPEC Q1).
+      # No ReLU before the pool, and a 2x2 pool (README quirk Q1).
       self.maxpool = nn.MaxPool2d(kernel_size=2)
     else:
       self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -236,7 +236,7 @@ class DMUENet(nn.Module):
     # Latent-distribution passes: no dropout.
     latent_feats = [self._neck(self._pool(m)) for m in maps['latent']]
 
-    # SP: Grams of the auxiliary *logits* against the target *features* (SPEC Q3).
+    # SP: Grams of the auxiliary *logits* against the target *features* (README quirk Q3).
     g_aux = [F.normalize(a @ a.t(), p=2, dim=1) for a in aux_logits]
     g_full = feats @ feats.t()
     g_main = [F.normalize(g_full[ind][:, ind], p=2, dim=1) for ind in maps['inds']]

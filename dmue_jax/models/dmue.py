@@ -13,7 +13,7 @@ Variables of the training model (C classes, D feature dims):
 Inference variables: params/batch_stats {trunk, branch, neck, head}, `branch` being copy C.
 
 Training inputs are grouped by class: x [C, k, H, W, 3], row c holding k samples of class c.
-Every subset the reference takes with boolean masks is then a static gather (SPEC: recommended
+Every subset the reference takes with boolean masks is then a static gather (the recommended
 design): auxiliary branch c runs on its "y != c" samples ((C-1)k rows, classes in order, c
 skipped), then on its own class's k samples for the latent distribution (a forward pass only,
 updating its BatchNorm averages a second time as the reference does), and the target branch runs
@@ -82,7 +82,7 @@ class PUE(nn.Module):
 
   Linear(2C -> C) -> PReLU (one slope, init 0.25) -> Linear(C -> 1) -> sigmoid, with PyTorch's
   default Linear initialisation (uniform +-1/sqrt(fan_in)) since the reference never trains it
-  (SPEC Q2): its random init *is* the module.
+  (README quirk Q2): its random init *is* the module.
   """
   num_classes: int
 
@@ -228,7 +228,7 @@ class DMUEModel:
       variables: training variables.
       x: [C, k, H, W, 3] float, row c = k samples of class c.
       dropout_rng: PRNG key for dropout; None disables dropout.
-      neck_stats_all_passes: SPEC Q4 (reference): the neck's running statistics see all 2C+1
+      neck_stats_all_passes: README quirk Q4 (reference): the neck's running statistics see all 2C+1
         passes in the reference order; False: only the target pass updates them.
       gram_features: also return the auxiliary neck features (for the paper's feature Grams).
       frozen_bn: every BatchNorm normalises with its running statistics and leaves them

@@ -217,7 +217,7 @@ def _stage_blocks(kind, width, index, num_blocks, in_features, stride, dtype, ke
 class Trunk(nn.Module):
   """Stem + layer1..layer3: [N, H, W, 3] -> [N, H/16, W/16, 4*width*expansion].
 
-  stem='reference' is the authors' ResNet-18 stem (SPEC Q1): conv7x7/2 -> BN -> *no ReLU* ->
+  stem='reference' is the authors' ResNet-18 stem (README quirk Q1): conv7x7/2 -> BN -> *no ReLU* ->
   2x2 max-pool stride 2; 'standard' is conv7x7/2 -> BN -> ReLU -> 3x3/2 max-pool (pad 1).
   """
   backbone: str = 'resnet18'
