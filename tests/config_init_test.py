@@ -1,6 +1,5 @@
 """Tests of what a real-dataset run starts from, its from-scratch settings and its eval split."""
 
-import csv
 import os
 import subprocess
 import sys
@@ -10,6 +9,8 @@ import cv2
 from ml_collections import config_flags
 import numpy as np
 import pytest
+
+import datasets_test
 
 from configs import affectnet
 from configs import affectnet7
@@ -178,23 +179,11 @@ def test_synthfer_is_left_as_it_is():
 
 def write_ferplus(root):
   """One kept image per split; the grey value says which: 10 train, 40 public, 60 private."""
-  rows = [('Training', 10, [10, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
-          ('Training', 20, [0, 9, 0, 0, 0, 0, 0, 0, 1, 0]),
-          ('PublicTest', 40, [0, 0, 8, 2, 0, 0, 0, 0, 0, 0]),
-          ('PrivateTest', 60, [0, 0, 0, 0, 0, 0, 0, 9, 1, 0])]
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, 'fer2013.csv'), 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(['emotion', 'pixels', 'Usage'])
-    for usage, value, _ in rows:
-      writer.writerow([0, ' '.join([str(value)] * (48 * 48)), usage])
-  with open(os.path.join(root, 'fer2013new.csv'), 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(['Usage', 'Image name', 'neutral', 'happiness', 'surprise', 'sadness',
-                     'anger', 'disgust', 'fear', 'contempt', 'unknown', 'NF'])
-    for i, (usage, _, votes) in enumerate(rows):
-      writer.writerow([usage, f'fer{i:07d}.png', *votes])
-  return str(root)
+  return datasets_test.make_ferplus(root, [
+      ('Training', 10, [10, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+      ('Training', 20, [0, 9, 0, 0, 0, 0, 0, 0, 1, 0]),
+      ('PublicTest', 40, [0, 0, 8, 2, 0, 0, 0, 0, 0, 0]),
+      ('PrivateTest', 60, [0, 0, 0, 0, 0, 0, 0, 9, 1, 0])])
 
 
 def ferplus_input(data_dir, cache_dir, eval_split):
