@@ -54,6 +54,17 @@ def test_compare_command_writes_the_table_and_json(tmp_path):
     for arm in compare.ARMS:
       results = json.loads((noise_dir / arm / 'results.json').read_text())
       assert results['dmue'] == (arm == 'dmue')
+  # Every arm ran the ambiguity report, with its new columns and keys.
+  with open(workdir / 'noise_0.3' / 'dmue' / 'ambiguity' / 'samples.csv') as f:
+    header = f.readline().strip().split(',')
+  for column in ('suspicion', 'flagged', 'suggested_label', 'suggested_label_name', 'aum',
+                 'score'):
+    assert column in header, column
+  results = json.loads((workdir / 'noise_0.3' / 'dmue' / 'results.json').read_text())
+  for key in ('noisy_label_auroc', 'score_auroc', 'flagged_recall', 'num_flagged',
+              'suggested_label_accuracy', 'cleanlab_self_confidence_auroc',
+              'cleanlab_normalized_margin_auroc', 'aum_auroc', 'best_eval_accuracy'):
+    assert key in results, key
   table = proc.stdout
   assert '| label noise | figure | baseline | DMUE | DMUE - baseline |' in table
   assert (workdir / 'comparison.md').read_text().strip() == compare.format_table(out).strip()
