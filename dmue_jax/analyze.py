@@ -357,7 +357,8 @@ def flag_label_issues(table: SampleTable) -> np.ndarray:
 def cleanlab_flags(table: SampleTable) -> np.ndarray:
   """cleanlab's `find_label_issues` on the final softmax, for comparison."""
   from cleanlab.filter import find_label_issues  # pylint: disable=g-import-not-at-top
-  return find_label_issues(table.labels, table.probs)
+  # One process: cleanlab's default forks workers, which a multithreaded JAX process must not.
+  return find_label_issues(table.labels, table.probs, n_jobs=1)
 
 
 def summarize(table: SampleTable) -> dict[str, Any]:

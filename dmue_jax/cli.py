@@ -45,6 +45,43 @@ def enable_compilation_cache(directory: str | None = None) -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
+def say(message: str) -> None:
+  """A progress line for the person at the console (and the log): above the progress bar,
+  which it does not break."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  import tqdm  # pylint: disable=g-import-not-at-top
+  std_logging.getLogger('dmue_jax').info(message)
+  if getattr(say, 'to_console', True):
+    tqdm.tqdm.write(message, file=sys.stderr)
+
+
+def log_to_file(workdir: str, *, console_info: bool = False) -> str:
+  """Sends the library's INFO logging (orbax, TFDS, absl, ours) to <workdir>/log.txt and keeps
+  only warnings and errors on the console, unless `console_info` (--log_to_console) or a
+  --verbosity above INFO asks for more. Returns the log file's path."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'log.txt')
+  handler = std_logging.FileHandler(path)
+  handler.setLevel(std_logging.DEBUG)
+  handler.setFormatter(std_logging.Formatter(
+      '%(levelname).1s%(asctime)s %(filename)s:%(lineno)d] %(message)s'))
+  std_logging.getLogger().addHandler(handler)
+  if not console_info and absl_logging.get_verbosity() <= absl_logging.INFO:
+    absl_handler = absl_logging.get_absl_handler()
+    absl_handler.setLevel(std_logging.WARNING)
+    # orbax warns at every save without an eval metric (most saves): the log keeps it.
+    # TFDS warns that SynthFER uses its own builder config, which is how it is made.
+    noise = ('tracked_metric', 'Using custom data configuration', 'has no dataset_info.json',
+             'Waiting for previous save to complete')
+    absl_handler.addFilter(lambda record: not any(n in record.getMessage() for n in noise))
+    say.to_console = True
+  else:
+    say.to_console = False  # the INFO log line already reaches the console
+  return path
+
+
 def run(main) -> None:
   """absl.app.run, with a flag-parsing failure (e.g. a bad --config.x override) reported as
   one clear message instead of absl's usage dump or a traceback."""

@@ -7,6 +7,8 @@ r"""Trains DMUE (or the plain cross-entropy baseline) and evaluates it.
 Restarting on the same --workdir resumes from its latest checkpoint.
 """
 
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -22,6 +24,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+flags.DEFINE_bool('log_to_console', False, 'Also show the library\'s INFO logging on the '
+                  'console (it always goes to <workdir>/log.txt).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -36,9 +40,29 @@ def main(argv):
       logging.warning('Training from scratch: %s', line)
     # Before any call that starts the XLA backend (jax.devices() below included).
     parallel.initialize_distributed(FLAGS.config.parallel)
+    cli.log_to_file(FLAGS.workdir, console_info=FLAGS.log_to_console)
     logging.info('JAX %s, process %d of %d, devices: %s', jax.__version__,
                  jax.process_index(), jax.process_count(), jax.devices())
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if jax.process_index() == 0:
+      print(summary(results, FLAGS.workdir))
+
+
+def summary(results: dict, workdir: str) -> str:
+  """The run's final figures in a few lines, for the console."""
+  lines = [f'test accuracy {results["eval_accuracy"]:.4f}, mean class accuracy '
+           f'{results["eval_mean_class_accuracy"]:.4f}']
+  if 'best_eval_accuracy' in results:
+    lines[0] += (f' (best {results["best_eval_accuracy"]:.4f} at step '
+                 f'{results["best_eval_step"]})')
+  if 'noisy_label_auroc' in results:
+    lines.append(f'wrong labels: ranked with AUROC {results["noisy_label_auroc"]:.3f}, '
+                 f'{results["num_flagged"]} flagged')
+  elif 'num_flagged' in results:
+    lines.append(f'{results["num_flagged"]} training labels flagged as likely wrong')
+  lines.append(f'results: {os.path.join(workdir, "results.json")}; log: '
+               f'{os.path.join(workdir, "log.txt")}')
+  return '\n'.join(lines)
 
 
 if __name__ == '__main__':

@@ -25,6 +25,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from dmue_jax import checkpoints
+from dmue_jax import cli
 from dmue_jax import compiler
 from dmue_jax import config_lib
 from dmue_jax import datasets
@@ -620,7 +621,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.warning('Checkpoint step %d holds no training dynamics: they count from here.',
                       start_step)
     dynamics = saved if saved is not None else dynamics
-    logging.info('Resumed from %s at step %d.', mgr.directory, start_step)
+    cli.say(f'Resumed from {mgr.directory} at step {start_step}.')
   else:
     if variables is None:
       variables = initial_variables(config, init_rng)
@@ -688,9 +689,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       last_eval = evaluate_split(p_eval, state.variables, data.splits.test, config, mesh)
       if writer is not None:
         writer.write(done, {'epoch': step // spe, **last_eval})
-      logging.info('step %d epoch %d: eval accuracy %.4f, mean class accuracy %.4f', done,
-                   step // spe, last_eval['eval_accuracy'],
-                   last_eval['eval_mean_class_accuracy'])
+      if is_main:
+        cli.say(f'step {done} epoch {step // spe}: eval accuracy '
+                f'{last_eval["eval_accuracy"]:.4f}, mean class accuracy '
+                f'{last_eval["eval_mean_class_accuracy"]:.4f}')
     if save_step:
       # The loss is computed before the update, so a step can leave NaN/Inf parameters behind
       # a finite loss: never let such a state replace the last good checkpoint.

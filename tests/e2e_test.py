@@ -103,6 +103,20 @@ def test_short_run_with_xla_kernels_matches_the_cpu_kernels(tmp_path, cache):
     assert loss == pytest.approx(runs['cpu'][step], rel=tolerance.get(step, 1e-2)), step
 
 
+def test_console_shows_progress_and_results_and_the_log_keeps_the_rest(tmp_path, cache):
+  workdir = tmp_path / 'run'
+  proc = run_main(workdir, cache)
+  err = proc.stderr.splitlines()
+  assert not [line for line in err if re.match(r'I\d{4} ', line)], proc.stderr[-2000:]
+  evals = [line.split(':')[0] for line in err if 'eval accuracy' in line]
+  assert evals == ['step 3 epoch 0', 'step 6 epoch 1'], proc.stderr
+  assert len(err) <= 5, proc.stderr
+  assert proc.stdout.startswith('test accuracy ')
+  assert str(workdir / 'results.json') in proc.stdout
+  log = (workdir / 'log.txt').read_text()
+  assert 'checkpoint' in log and 'eval accuracy' in log
+
+
 def test_killed_and_restarted_run_equals_uninterrupted(tmp_path, cache):
   whole, broken = tmp_path / 'whole', tmp_path / 'broken'
   run_main(whole, cache)

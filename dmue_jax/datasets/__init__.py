@@ -21,7 +21,9 @@ No TensorFlow needed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 from typing import Any, Sequence
 
@@ -130,10 +132,18 @@ def make_builder(input_config):
 def _prepare(builder) -> None:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder.check_manual_dir()
-  logging.info('Preparing %s into %s (once; later loads reuse it).', builder.name,
-               builder.data_path)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      try_download_gcs=False))
+  logging.warning('Preparing %s into %s, once: later runs reuse it.', builder.name,
+                  builder.data_path)
+  # Nothing is downloaded: TFDS's download-oriented progress bars would only say so.
+  tfds.disable_progress_bar()
+  # TFDS prints "Downloading and preparing dataset..." for every builder; ours download
+  # nothing, so that goes to the log instead of the console.
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False))
+  if printed.getvalue().strip():
+    logging.info('TFDS: %s', printed.getvalue().strip())
 
 
 def load(input_config) -> Splits:
