@@ -226,6 +226,100 @@ def suspicion(table: SampleTable) -> np.ndarray:
   return t / np.maximum(p + t, np.finfo(np.float64).tiny)
 
 
+def score_plan(labels: np.ndarray, num_classes: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """The class-balanced batches that cover every training sample.
+
+  Batch b, row c holds positions b*k .. b*k+k-1 of class c's samples (dataset order), wrapping
+  around for a class shorter than the largest.
+  Returns (index int64 [num_batches, C, k] dataset positions, first bool [num_batches, C, k]
+  marking each sample's first appearance: exactly one True per sample).
+  """
+  members = input_pipeline.class_members(labels, num_classes)
+  num_batches = max(-(-m.size // k) for m in members)
+  slots = np.arange(num_batches * k).reshape(num_batches, k)
+  index = np.stack([m[slots % m.size] for m in members], axis=1)
+  first = np.stack([slots < m.size for m in members], axis=1)
+  return index, first
+
+
+def sample_outputs(variables, images, *, config) -> dict[str, jax.Array]:
+  """Score, mined distribution and inference probabilities of one grouped batch.
+
+  images: [C, k, H, W, 3], row c = samples annotated c.
+  Returns {'probs': [C, k, C]} and, for DMUE runs, {'score': [C, k], 'latent': [C, k, C],
+  'label_similarity': [C, k]}.
+  """
+  c, k = images.shape[:2]
+  logits = train.eval_logits(variables, images.reshape((c * k,) + images.shape[2:]),
+                             config=config)
+  out = {'probs': jax.nn.softmax(logits.astype(jnp.float32), axis=-1).reshape(c, k, c)}
+  if train.uses_dmue(config):
+    # No dropout rng: the score and d_i of training without its noise. The epoch only sets the
+    # ramps, which weight loss terms that are discarded here.
+    _, extra = train.dmue_terms(train.make_model(config), config.dmue, variables['params'],
+                                variables['batch_stats'], images, 0, None)
+    out['score'] = extra['score']
+    out['latent'] = extra['latent']
+    out['label_similarity'] = extra['label_similarity']
+  return out
+
+
+def collect(config, variables, data: train.RunData, mesh) -> SampleTable:
+  """Runs `sample_outputs` over the batches of `score_plan`; gathers one row per sample."""
+  c, k = config.model.num_classes, config.input.batch_per_class
+  size, resize = config.input.image_size, config.input.resize_size
+  source = data.splits.train
+  index, first = score_plan(data.labels, c, k)
+  # Each process builds its own columns of the k axis, as the training batches do.
+  local = k // jax.process_count()
+  cols = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+  repl = parallel.replicated(mesh)
+  sharding = parallel.train_batch_sharding(mesh)
+  step_fn = compiler.jit(functools.partial(sample_outputs, config=config),
+                         in_shardings=(repl, sharding), out_shardings=repl)
+
+  def make(b: int) -> dict[str, np.ndarray]:
+    positions = index[b, :, cols]
+    image = np.empty((c, local, size, size, 3), np.float32)
+    truth = np.zeros((c, local, c), np.float32)
+    true_label = np.full((c, local), -1, np.int32)
+    for row in range(c):
+      for col in range(local):
+        example = source[int(positions[row, col])]
+        image[row, col] = input_pipeline.eval_transform(example['image'], image_size=size,
+                                                        resize_size=resize)
+        truth[row, col] = example['distribution']
+        true_label[row, col] = example.get('true_label', -1)
+    return {'image': image, 'truth': truth, 'true_label': true_label}
+
+  n = len(source)
+  table: dict[str, np.ndarray] = {}
+  batches = input_pipeline.prefetch_map(make, range(index.shape[0]),
+                                        num_threads=config.input.num_workers)
+  for b, batch in enumerate(batches):
+    glob = parallel.global_batch(batch, sharding, 1)
+    outs = {name: parallel.to_host(v) for name, v in step_fn(variables, glob['image']).items()}
+    outs['truth'] = parallel.to_host(glob['truth'])
+    outs['true_label'] = parallel.to_host(glob['true_label'])
+    keep = first[b]
+    for name, value in outs.items():
+      if name not in table:
+        table[name] = np.zeros((n,) + value.shape[2:], value.dtype)
+      table[name][index[b][keep]] = value[keep]
+
+  truth = true_label = None
+  if data.splits.has_distribution:
+    totals = table['truth'].sum(axis=1, keepdims=True)
+    truth = table['truth'] / np.where(totals > 0, totals, 1.0)
+    # SynthFER stores its true label; elsewhere the truth's argmax is the best answer.
+    true_label = np.where(table['true_label'] >= 0, table['true_label'], truth.argmax(axis=1))
+  return SampleTable(
+      class_names=list(data.splits.class_names), labels=np.asarray(data.labels),
+      original_labels=np.asarray(data.clean_labels), flipped=np.asarray(data.flipped, bool),
+      probs=table['probs'], score=table.get('score'), latent=table.get('latent'),
+      truth=truth, true_label=true_label, label_similarity=table.get('label_similarity'))
+
+
 def with_dynamics(table: SampleTable, dynamics) -> SampleTable:
   """The table with the training dynamics (`train.Dynamics`, host arrays) filled in. A sample
   training never drew (a short run) gets a margin of 0 and a uniform training softmax."""
