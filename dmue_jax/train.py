@@ -611,7 +611,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   init_rng, dropout_rng = jax.random.split(rng)
   mgr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
   start_step = 0
-  dynamics = Dynamics.zeros(len(data.labels), c)
+  # Placed before restoring, so that restored dynamics land on the mesh as well.
+  dynamics = jax.device_put(Dynamics.zeros(len(data.labels), c), parallel.replicated(mesh))
   if mgr.latest_step() is not None:
     target = jax.eval_shape(lambda key: create_train_state(config, key, spe), init_rng)
     state, _ = checkpoints.restore(mgr, mgr.latest_step(), target)
@@ -627,7 +628,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       variables = initial_variables(config, init_rng)
     state = create_train_state(config, init_rng, spe, variables=variables)
   state = jax.device_put(state, parallel.state_sharding(state, mesh))
-  dynamics = jax.device_put(dynamics, parallel.replicated(mesh))
   p_train, p_eval = make_jitted_steps(config, mesh, spe)
 
   writer = (metrics_lib.MetricWriter(workdir, class_names=data.splits.class_names)
