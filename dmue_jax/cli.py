@@ -82,6 +82,27 @@ def log_to_file(workdir: str, *, console_info: bool = False) -> str:
   return path
 
 
+def start_run(config_flag, workdir: str, *, console_info: bool = False) -> None:
+  """What a training command does before any work: validate the config (a config that cannot
+  work stops here), apply the from-scratch settings the user did not override, start
+  jax.distributed, and send the library's logging to <workdir>/log.txt.
+
+  config_flag: the --config flag (FLAGS['config']), whose value is the config.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from dmue_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from dmue_jax import parallel  # pylint: disable=g-import-not-at-top
+  config = config_flag.value
+  config_lib.validate(config)
+  overrides = set(config_flags.get_override_values(config_flag))
+  for line in config_lib.apply_scratch_defaults(config, overrides):
+    logging.warning('Training from scratch: %s', line)
+  # Before any call that starts the XLA backend.
+  parallel.initialize_distributed(config.parallel)
+  log_to_file(workdir, console_info=console_info)
+
+
 def run(main) -> None:
   """absl.app.run, with a flag-parsing failure (e.g. a bad --config.x override) reported as
   one clear message instead of absl's usage dump or a traceback."""

@@ -30,7 +30,6 @@ from ml_collections import config_flags
 from dmue_jax import cli
 from dmue_jax.config_lib import ConfigError
 from dmue_jax import metrics as metrics_lib
-from dmue_jax import parallel
 from dmue_jax import train
 from dmue_jax.models import dmue as dmue_model
 
@@ -133,7 +132,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   with cli.user_errors():
-    parallel.initialize_distributed(FLAGS.config.parallel)
+    cli.start_run(FLAGS['config'], FLAGS.workdir)
     try:
       rates = [float(r) for r in FLAGS['label-noise'].value or []]
     except ValueError as e:

@@ -16,8 +16,6 @@ import jax
 from ml_collections import config_flags
 
 from dmue_jax import cli
-from dmue_jax import config_lib
-from dmue_jax import parallel
 from dmue_jax import train
 
 FLAGS = flags.FLAGS
@@ -33,14 +31,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   with cli.user_errors():
-    # A config that cannot work stops here, before any work.
-    config_lib.validate(FLAGS.config)
-    overrides = set(config_flags.get_override_values(FLAGS['config']))
-    for line in config_lib.apply_scratch_defaults(FLAGS.config, overrides):
-      logging.warning('Training from scratch: %s', line)
-    # Before any call that starts the XLA backend (jax.devices() below included).
-    parallel.initialize_distributed(FLAGS.config.parallel)
-    cli.log_to_file(FLAGS.workdir, console_info=FLAGS.log_to_console)
+    cli.start_run(FLAGS['config'], FLAGS.workdir, console_info=FLAGS.log_to_console)
     logging.info('JAX %s, process %d of %d, devices: %s', jax.__version__,
                  jax.process_index(), jax.process_count(), jax.devices())
     results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
