@@ -86,11 +86,12 @@ def compare(config, workdir: str, label_noise: Sequence[float] | None = None) ->
     for arm in ARMS:
       cfg = arm_config(config, arm, rate)
       variables = start_variables(cfg, arm)
+      start = fingerprint(variables)  # before training, which consumes (donates) them
       logging.info('compare: %s at label noise %g', arm, rate)
       results = train.train_and_evaluate(cfg, os.path.join(noise_dir(workdir, rate), arm),
                                          variables=variables)
       row[arm] = {name: results[name] for name in FIELDS if name in results}
-      row[arm]['start_fingerprint'] = fingerprint(variables)
+      row[arm]['start_fingerprint'] = start
     row['accuracy_gain'] = row['dmue']['eval_accuracy'] - row['baseline']['eval_accuracy']
     rows.append(row)
   out = {'config': json.loads(config.to_json()), 'runs': rows}

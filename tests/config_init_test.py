@@ -56,10 +56,18 @@ def test_dataset_configs_need_init_from(name):
     config_lib.validate(config)
 
 
-def test_synthfer_trains_from_scratch_without_init_from():
-  for arg in (None, 'tiny', 'paper'):
+def test_synthfer_starts_from_its_pretrained_backbone_and_tiny_from_scratch():
+  for arg in (None, 'paper'):
     config = default.get_config(arg)
-    assert config.model.init_from == ''
+    assert config.model.init_from == 'synthfer_pretrained'
+    config_lib.validate(config)
+  config = default.get_config('tiny')
+  assert config.model.init_from == ''
+  config_lib.validate(config)
+  # The demo's pretrained start exists only for SynthFER.
+  config = rafdb.get_config()
+  config.model.init_from = 'synthfer_pretrained'
+  with pytest.raises(config_lib.ConfigError, match='SynthFER demo'):
     config_lib.validate(config)
 
 
