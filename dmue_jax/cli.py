@@ -93,8 +93,10 @@ def start_run(config_flag, workdir: str, *, console_info: bool = False) -> None:
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from dmue_jax import config_lib  # pylint: disable=g-import-not-at-top
   from dmue_jax import parallel  # pylint: disable=g-import-not-at-top
+  from dmue_jax import checkpoints  # pylint: disable=g-import-not-at-top
   config = config_flag.value
   config_lib.validate(config)
+  checkpoints.check_workdir(workdir)
   overrides = set(config_flags.get_override_values(config_flag))
   for line in config_lib.apply_scratch_defaults(config, overrides):
     logging.warning('Training from scratch: %s', line)
