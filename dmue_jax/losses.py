@@ -9,16 +9,12 @@ classes of its "y != c" subset in the order the auxiliary inputs use.
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-
-def _others(num_classes: int) -> np.ndarray:
-  return np.array([[j for j in range(num_classes) if j != c] for c in range(num_classes)])
+from dmue_jax.models import dmue as dmue_model
 
 
 def class_similarity_means(*, z: jax.Array) -> jax.Array:
@@ -57,7 +53,7 @@ def latent_distribution(*, latent_logits: jax.Array, T: float) -> jax.Array:
   p = p ** (1.0 / T)
   p = p / p.sum(axis=-1, keepdims=True)
   # Scatter column j of branch c's C-1 outputs into class others[c][j]; class c stays 0.
-  place = jax.nn.one_hot(_others(c), c, dtype=p.dtype)  # [C, C-1, C]
+  place = jax.nn.one_hot(dmue_model.others(c), c, dtype=p.dtype)  # [C, C-1, C]
   d = jnp.einsum('ckj,cjo->cko', p, place)
   return jax.lax.stop_gradient(d)
 
@@ -89,7 +85,7 @@ def sp_loss(*, aux: jax.Array, target_feats: jax.Array) -> jax.Array:
   target features of the same "y != c" rows.
   """
   c, k, d = target_feats.shape
-  f_sub = target_feats[_others(c)].reshape(c, (c - 1) * k, d).astype(jnp.float32)
+  f_sub = target_feats[dmue_model.others(c)].reshape(c, (c - 1) * k, d).astype(jnp.float32)
   aux = aux.astype(jnp.float32)
   g_aux = _row_normalize(jnp.einsum('cnp,cmp->cnm', aux, aux))
   g_main = _row_normalize(jnp.einsum('cnd,cmd->cnm', f_sub, f_sub))
@@ -132,12 +128,3 @@ def ramp_down(epoch, alpha: float):
   e = jnp.asarray(epoch, jnp.float32)
   safe = jnp.maximum(e, 1e-6)
   return jnp.where(e < alpha, 1.0, jnp.exp(-jnp.square(1.0 - alpha / safe)))
-
-
-def ramp_up_py(epoch: float, alpha: float) -> float:
-  """Plain-Python ramp_up, for logging and tests."""
-  return 1.0 if epoch > alpha else math.exp(-5.0 * (1.0 - epoch / alpha) ** 2)
-
-
-def ramp_down_py(epoch: float, alpha: float) -> float:
-  return 1.0 if epoch < alpha else math.exp(-((1.0 - alpha / epoch) ** 2))

@@ -181,8 +181,6 @@ class LossesTest(parameterized.TestCase):
     down = 1.0 if epoch < alpha else math.exp(-1 * (1 - alpha / epoch) ** 2)
     self.assertAlmostEqual(float(losses.ramp_up(epoch, alpha)), up, places=6)
     self.assertAlmostEqual(float(losses.ramp_down(epoch, alpha)), down, places=6)
-    self.assertAlmostEqual(losses.ramp_up_py(epoch, alpha), up, places=12)
-    self.assertAlmostEqual(losses.ramp_down_py(epoch, alpha), down, places=12)
 
   def test_ramp_values_at_chosen_epochs(self):
     # Hand-computed: exp(-5 * 0.25) at half of alpha, 1 at alpha; exp(-(1-10/20)^2) at 2 alpha.
