@@ -9,7 +9,6 @@ classes of its "y != c" subset in the order the auxiliary inputs use.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import optax
