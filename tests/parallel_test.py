@@ -38,7 +38,7 @@ def assert_same_training(a, b):
   The neck's running variance is the one statistic that moves more: a variance amplifies the
   relative rounding of the features it is taken over, and it was the closest entry to rtol
   1e-5 with XLA's convolutions (0.88 of the tolerance) and past it with the valid-tap ones
-  (1.39e-5 relative, one of 128 entries; 2026-12-04), so the neck's running variance gets
+  (1.39e-5 relative, one of 128 entries), so the neck's running variance gets
   rtol 3e-5.
   """
   np.testing.assert_allclose(a['losses'], b['losses'], rtol=1e-5, atol=1e-6)
