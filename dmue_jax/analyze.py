@@ -215,7 +215,7 @@ def suspicion(table: SampleTable) -> np.ndarray:
   less likely it is. Dividing by t keeps a class the model is less sure of from being flagged
   wholesale. Chosen by measurement on the default SynthFER run, from random and from
   pretrained weights, against the final softmax alone, the area under the margin, rank
-  averages and cleanlab's own adjustment (README, Ambiguity analysis).
+  averages and cleanlab's own adjustment (docs/ambiguity.md).
   """
   probs = report_probs(table)
   p = probs[np.arange(table.labels.shape[0]), table.labels]
@@ -340,7 +340,8 @@ def estimated_issue_count(table: SampleTable) -> int:
   separates them): the number of samples more likely in the high-loss component, the smaller
   of the counts on the loss and on its logarithm. Each scale over-counts in one regime (the
   loss when the model is strong and clean losses pile up near 0; its log when the model is
-  weak), measured on the default SynthFER run from random and from pretrained weights (README).
+  weak), measured on the default SynthFER run from random and from pretrained weights
+  (docs/ambiguity.md).
 
   Confident learning's estimate (cleanlab's `num_label_issues`) counts every sample the model
   gets wrong: about twice the true number there.
