@@ -3,7 +3,7 @@ face looks like.
 
   python -m dmue_jax.analyze --workdir runs/demo [--step N]
 
-Also called by `train.train_and_evaluate` at the end of a run (config.analyze_at_end). Uses
+Also run by the training commands after training (config.analyze_at_end). Uses
 the latest checkpoint (default) and writes, on process 0:
 
   <workdir>/ambiguity/samples.csv         one row per training sample, most suspicious first
@@ -58,18 +58,20 @@ import json
 import os
 from typing import Any
 
+from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dmue_jax import checkpoints
-from dmue_jax import compiler
+from dmue_jax import cli
 from dmue_jax import config_lib
 from dmue_jax import input_pipeline
 from dmue_jax import metrics as metrics_lib
 from dmue_jax import parallel
 from dmue_jax import train
+from dmue_jax.kernels import compiler
 
 OUT_DIR = 'ambiguity'
 NUM_SHOWN = 16
@@ -412,10 +414,10 @@ def summarize(table: SampleTable) -> dict[str, Any]:
       out['score_auroc'] = roc_auc(-table.score, noisy)
       out['mean_score_clean'] = float(table.score[~noisy].mean())
       out['mean_score_noisy'] = float(table.score[noisy].mean())
-    for prefix, flags in (('flagged', flagged), ('cleanlab_flagged', cleanlab_flags(table))):
-      if flags.any():
-        out[f'{prefix}_precision'] = float(noisy[flags].mean())
-      out[f'{prefix}_recall'] = float(flags[noisy].mean())
+    for prefix, chosen in (('flagged', flagged), ('cleanlab_flagged', cleanlab_flags(table))):
+      if chosen.any():
+        out[f'{prefix}_precision'] = float(noisy[chosen].mean())
+      out[f'{prefix}_recall'] = float(chosen[noisy].mean())
     out['suggested_label_accuracy'] = float(
         (table.suggested_label()[noisy] == table.true_label[noisy]).mean())
   return out
@@ -642,25 +644,19 @@ def analyze(workdir: str, *, config=None, state=None, data: train.RunData | None
 
 
 def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from dmue_jax import cli  # pylint: disable=g-import-not-at-top
   del argv
-  flags_ = flags.FLAGS
   with cli.user_errors():
-    metrics = analyze(flags_.workdir, step=flags_.step)
+    metrics = analyze(flags.FLAGS.workdir, step=flags.FLAGS.step)
   print(json.dumps(metrics))
 
 
 def _define_flags():
-  # Defined only when run as a command: train.py imports this module, and main.py already
-  # defines --workdir.
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  # Defined when run as a command only, so that the training commands can import this module.
   flags.DEFINE_string('workdir', None, 'Directory of a training run.')
   flags.DEFINE_integer('step', None, 'Checkpoint step to analyse (default: the latest).')
   flags.mark_flags_as_required(['workdir'])
 
 
 if __name__ == '__main__':
-  from dmue_jax import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
   cli.run(main)

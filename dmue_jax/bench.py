@@ -69,13 +69,13 @@ import numpy as np
 import optax
 
 from dmue_jax import cli
-from dmue_jax import compiler
 from dmue_jax import config_lib
 from dmue_jax import input_pipeline
+from dmue_jax import kernels
 from dmue_jax import parallel
 from dmue_jax import train
+from dmue_jax.kernels import compiler
 from dmue_jax.models import dmue as dmue_model
-from dmue_jax.models import fast_grads
 from dmue_jax.models import resnet
 
 # The benchmark never reaches an epoch boundary; only the schedules' first rates are used.
@@ -311,7 +311,7 @@ def plain_model(config) -> resnet.PlainResNet:
                             stem=config_lib.resolve_stem(m.stem, m.backbone),
                             last_stride=m.last_stride,
                             dtype=jnp.dtype(config_lib.resolve_dtype(m.dtype)),
-                            kernels=fast_grads.select(m.kernels))
+                            kernels=kernels.select(m.kernels))
 
 
 def plain_variables(setup: Setup):

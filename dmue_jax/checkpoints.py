@@ -15,9 +15,11 @@ import os
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from dmue_jax import config_lib
 from dmue_jax.errors import UserError
 
 
@@ -121,8 +123,6 @@ def config_from_meta(meta: dict):
   A field added to `config_lib.base_config` after the run was saved (e.g. optim.pue_lr) gets
   its default, so older runs still evaluate, export and analyse.
   """
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from dmue_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(json.loads(meta['config']))
   # Runs saved before AffectNet faces were aligned from their landmarks were trained on box
   # crops: evaluate them on what they saw.

@@ -7,11 +7,20 @@ A user error (missing dataset, bad override, unreadable checkpoint) prints one l
 from __future__ import annotations
 
 import contextlib
+import logging as std_logging
 import os
 import sys
 
 from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+import tqdm
 
+from dmue_jax import checkpoints
+from dmue_jax import config_lib
+from dmue_jax import parallel
 from dmue_jax.errors import UserError
 
 
@@ -36,7 +45,6 @@ def enable_compilation_cache(directory: str | None = None) -> None:
   runtime reset, a crash) gets it back from the cache. JAX_COMPILATION_CACHE_DIR wins if set;
   DMUE_NO_COMPILATION_CACHE=1 turns this off.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   if os.environ.get('DMUE_NO_COMPILATION_CACHE') == '1':
     return
   directory = (directory or os.environ.get('JAX_COMPILATION_CACHE_DIR') or
@@ -48,8 +56,6 @@ def enable_compilation_cache(directory: str | None = None) -> None:
 def say(message: str) -> None:
   """A progress line for the person at the console (and the log): above the progress bar,
   which it does not break."""
-  import logging as std_logging  # pylint: disable=g-import-not-at-top
-  import tqdm  # pylint: disable=g-import-not-at-top
   std_logging.getLogger('dmue_jax').info(message)
   if getattr(say, 'to_console', True):
     tqdm.tqdm.write(message, file=sys.stderr)
@@ -59,8 +65,6 @@ def log_to_file(workdir: str, *, console_info: bool = False) -> str:
   """Sends the library's INFO logging (orbax, TFDS, absl, ours) to <workdir>/log.txt and keeps
   only warnings and errors on the console, unless `console_info` (--log_to_console) or a
   --verbosity above INFO asks for more. Returns the log file's path."""
-  import logging as std_logging  # pylint: disable=g-import-not-at-top
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, 'log.txt')
   handler = std_logging.FileHandler(path)
@@ -68,8 +72,8 @@ def log_to_file(workdir: str, *, console_info: bool = False) -> str:
   handler.setFormatter(std_logging.Formatter(
       '%(levelname).1s%(asctime)s %(filename)s:%(lineno)d] %(message)s'))
   std_logging.getLogger().addHandler(handler)
-  if not console_info and absl_logging.get_verbosity() <= absl_logging.INFO:
-    absl_handler = absl_logging.get_absl_handler()
+  if not console_info and logging.get_verbosity() <= logging.INFO:
+    absl_handler = logging.get_absl_handler()
     absl_handler.setLevel(std_logging.WARNING)
     # orbax warns at every save without an eval metric (most saves): the log keeps it.
     # TFDS warns that SynthFER uses its own builder config, which is how it is made.
@@ -89,11 +93,6 @@ def start_run(config_flag, workdir: str, *, console_info: bool = False) -> None:
 
   config_flag: the --config flag (FLAGS['config']), whose value is the config.
   """
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from dmue_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from dmue_jax import parallel  # pylint: disable=g-import-not-at-top
-  from dmue_jax import checkpoints  # pylint: disable=g-import-not-at-top
   config = config_flag.value
   config_lib.validate(config)
   checkpoints.check_workdir(workdir)
@@ -116,7 +115,6 @@ def run(main) -> None:
 
 
 def _parse_flags(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
@@ -151,3 +149,12 @@ def _plain_message(e: BaseException) -> str:
     e = e.args[0]
   text = e.args[0] if isinstance(e, KeyError) and e.args else e
   return ' '.join(str(text).split())
+
+
+def define_run_flags(workdir_help: str) -> None:
+  """--config (a config file, overridable field by field) and --workdir, both required: the
+  flags every training command takes."""
+  config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, workdir_help)
+  flags.mark_flags_as_required(['config', 'workdir'])

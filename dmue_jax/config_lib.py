@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   # state, BatchNorm statistics, losses and the similarity statistics stay float32.
   config.model.dtype = 'auto'
   # Layer implementations: 'auto' = the CPU kernels (custom gradients for XLA:CPU) on a CPU
-  # backend, XLA's own elsewhere; 'xla' or 'cpu' to force one (fast_grads.resolve).
+  # backend, XLA's own elsewhere; 'xla' or 'cpu' to force one (kernels.resolve).
   config.model.kernels = 'auto'
   # Official torch weights to start from (the MS-Celeb-1M ResNet-18 for the paper's runs), or
   # 'scratch' for random weights. The dataset configs require it (check_init_from); '' is
@@ -93,6 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.dmue.T = 1.2
   config.dmue.w = 0.5
   config.dmue.gamma = 1000.0
+  # Ablation switches (docs/ablations.md); the defaults are the method.
+  config.dmue.score_scaling = True  # False: the target CE is not scaled by the PUE score
+  config.dmue.aux_weight = 1.0      # weight of the auxiliary branches' own loss
+  config.dmue.ramps = True          # False: ramp-up and ramp-down held at 1
   # Reference quirks (README quirk Q2-Q4); True reproduces the authors' code.
   config.dmue.freeze_pue = True       # Q2: the PUE MLP is never updated
   config.dmue.freeze_neck = True      # Q2: the BN-neck is never updated
@@ -179,6 +183,8 @@ def validate(config: ml_collections.ConfigDict, *, for_training: bool = True) ->
     raise ConfigError(f'config.dmue.T={d.T} must be positive.')
   if d.ramp_a <= 0:
     raise ConfigError(f'config.dmue.ramp_a={d.ramp_a} must be positive.')
+  if d.aux_weight < 0:
+    raise ConfigError(f'config.dmue.aux_weight={d.aux_weight} must be 0 or more.')
   for name in ('backbone_lr', 'head_lr', 'pue_lr'):
     sched = config.optim[name]
     ends = [e for e, _ in sched]
@@ -213,6 +219,8 @@ def _check_input_protocol(i: ml_collections.ConfigDict) -> None:
 # What the paper's runs start from, as the authors' config.py names it, and where their
 # README links it.
 PRETRAINED_FILE = 'mv_epoch_17.pt'
+# init_from for the SynthFER demo's pretrained start (dmue_jax.pretrain makes it).
+SYNTHFER_PRETRAINED = 'synthfer_pretrained'
 PRETRAINED_README = ('https://github.com/JDAI-CV/FaceX-Zoo/tree/main/addition_module/DMUE'
                      '#pre-training')
 
@@ -225,7 +233,7 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
   weights. SynthFER (configs/default.py) trains from scratch by design.
   """
   dataset = config.input.dataset
-  if config.model.init_from == 'synthfer_pretrained' and dataset != 'synthfer':
+  if config.model.init_from == SYNTHFER_PRETRAINED and dataset != 'synthfer':
     raise ConfigError("config.model.init_from='synthfer_pretrained' is the SynthFER demo's "
                       'pretrained start; for configs/{dataset}.py pass a weights file or '
                       "'scratch'.".format(dataset=dataset))

@@ -8,3 +8,8 @@ else is a bug and keeps its traceback.
 class UserError(Exception):
   """A problem with the user's input; the message names it and the fix."""
   exit_code = 1
+
+
+class DatasetError(UserError):
+  """The dataset cannot be loaded; the message names what is missing and how to get it."""
+  exit_code = 2

@@ -34,10 +34,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dmue_jax import checkpoints
-from dmue_jax import compiler
 from dmue_jax import input_pipeline
 from dmue_jax import train
 from dmue_jax.checkpoints import CheckpointError
+from dmue_jax.kernels import compiler
 from dmue_jax.models import dmue as dmue_model
 
 Variables = dict[str, Any]

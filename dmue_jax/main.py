@@ -4,7 +4,9 @@ r"""Trains DMUE (or the plain cross-entropy baseline) and evaluates it.
   python -m dmue_jax.main --config configs/rafdb.py --workdir runs/rafdb \
       --config.input.data_dir=/data/RAF-DB/basic --config.input.batch_per_class=8
 
-Restarting on the same --workdir resumes from its latest checkpoint.
+Restarting on the same --workdir resumes from its latest checkpoint. The command orchestrates
+the stages: the pretrained start when the config names one (dmue_jax.pretrain), training
+(dmue_jax.train), then the ambiguity report (dmue_jax.analyze).
 """
 
 import os
@@ -13,18 +15,31 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
+from dmue_jax import analyze
 from dmue_jax import cli
+from dmue_jax import pretrain
 from dmue_jax import train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
-flags.DEFINE_bool('log_to_console', False, 'Also show the library\'s INFO logging on the '
-                  'console (it always goes to <workdir>/log.txt).')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _define_flags() -> None:
+  # Defined when run as a command only, so that other commands can import train_and_analyze.
+  cli.define_run_flags('Directory for checkpoints, metrics and results.')
+  flags.DEFINE_bool('log_to_console', False, 'Also show the library\'s INFO logging on the '
+                    'console (it always goes to <workdir>/log.txt).')
+
+
+def train_and_analyze(config, workdir: str, variables=None, hooks=()) -> dict:
+  """A whole run: the pretrained start if the config names one, training and evaluation
+  (`train.train_and_evaluate`), then with config.analyze_at_end the ambiguity report of the
+  final checkpoint (`analyze.analyze`). Returns results.json's content."""
+  pretrain.prepare_start(config)
+  results = train.train_and_evaluate(config, workdir, variables=variables, hooks=hooks)
+  if config.analyze_at_end:
+    results.update(analyze.analyze(workdir, config=config))
+  return results
 
 
 def main(argv):
@@ -34,7 +49,7 @@ def main(argv):
     cli.start_run(FLAGS['config'], FLAGS.workdir, console_info=FLAGS.log_to_console)
     logging.info('JAX %s, process %d of %d, devices: %s', jax.__version__,
                  jax.process_index(), jax.process_count(), jax.devices())
-    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    results = train_and_analyze(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
       print(summary(results, FLAGS.workdir))
 
@@ -57,4 +72,5 @@ def summary(results: dict, workdir: str) -> str:
 
 
 if __name__ == '__main__':
+  _define_flags()
   cli.run(main)

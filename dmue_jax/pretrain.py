@@ -1,121 +1,48 @@
-r"""A pretrained start for SynthFER runs, as the paper starts from MS-Celeb-1M weights.
+r"""The SynthFER pretraining stage: a pretrained start, as the paper starts from MS-Celeb-1M weights.
 
 The paper's gains come from fine-tuning a backbone pretrained on a large related task; the
-embedded SynthFER demo has no such weights to download, so this module makes them: the plain
+embedded SynthFER demo has no such weights to download, so this stage makes them: the plain
 network (trunk, one layer4, BN-neck) trained with cross-entropy on a *disjoint* SynthFER draw
 (another generator seed, so other faces and other annotations than the run's). It never sees
-the images or labels under test. The result is cached, keyed by everything that shapes it, so
-only a run's first start pays for it.
-
-  config.model.init_from = 'synthfer_pretrained'   # configs/default.py
-
-`load_backbone` expands the saved backbone into the training model (its layer4 into every
-branch; heads and PUE MLP fresh), the way a pretrained torch backbone is loaded.
+the images or labels under test. The result is cached (`dmue_jax.backbones`), keyed by
+everything that shapes it, so only a run's first start pays for it. The training commands call
+`ensure_pretrained` before training when `config.model.init_from = 'synthfer_pretrained'`
+(configs/default.py).
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import os
 
 from absl import logging
-import flax
-import jax
-import numpy as np
 
-from dmue_jax import datasets
-from dmue_jax.models import dmue as dmue_model
-
-KEYWORD = 'synthfer_pretrained'
-# The pretraining draw: its own generator seed, offset from the run's.
-SEED_OFFSET = 1000
-FILE = 'backbone.npz'
-_PARTS = ('trunk', 'branch', 'neck')
-
-
-def pretrain_config(config):
-  """The stage-1 config: the run's network and schedule, plain cross-entropy, a disjoint draw
-  of the same size without added label noise (its annotations are the generator's own)."""
-  out = copy.deepcopy(config)
-  with out.unlocked():
-    out.dmue.enabled = False
-    out.model.init_from = 'scratch'
-    out.input.label_noise = 0.0
-    out.input.synthfer_seed = config.input.synthfer_seed + SEED_OFFSET
-    out.analyze_at_end = False
-    out.eval_every_steps = 0
-  return out
-
-
-def cache_dir(config) -> str:
-  """Where the weights for `config` are kept: under the dataset cache, one folder per key."""
-  cfg = pretrain_config(config)
-  key = {name: cfg.model[name] for name in ('backbone', 'width', 'stem', 'last_stride',
-                                            'pooling', 'bnneck', 'dropout', 'num_classes')}
-  key.update({name: cfg.input[name] for name in ('image_size', 'resize_size', 'batch_per_class',
-                                                 'synthfer_seed', 'synthfer_num_train',
-                                                 'augment')})
-  key.update(epochs=cfg.num_epochs, steps_per_epoch=cfg.steps_per_epoch,
-             optim=json.loads(cfg.optim.to_json()), seed=cfg.seed)
-  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-  root = config.input.cache_dir or datasets.default_synthfer_cache_dir()
-  return os.path.join(root, 'pretrained', f'synthfer_{digest}')
+from dmue_jax import analyze
+from dmue_jax import backbones
+from dmue_jax import train
 
 
 def ensure_pretrained(config) -> str:
   """The path of the pretrained backbone for `config`, training it first if not cached."""
-  directory = cache_dir(config)
-  path = os.path.join(directory, FILE)
+  directory = backbones.cache_dir(config)
+  path = backbones.cached_path(config)
   if os.path.exists(path):
     return path
-  # pylint: disable=g-import-not-at-top (train and analyze load backbones through here)
-  from dmue_jax import analyze
-  from dmue_jax import train
-  # pylint: enable=g-import-not-at-top
-  cfg = pretrain_config(config)
+  cfg = backbones.pretrain_config(config)
   logging.warning('Pretraining the backbone on a disjoint SynthFER draw (seed %d, %d faces, '
                   '%d epochs), once: it is cached in %s.', cfg.input.synthfer_seed,
                   cfg.input.synthfer_num_train, cfg.num_epochs, directory)
   results = train.train_and_evaluate(cfg, os.path.join(directory, 'run'))
   _, variables, _ = analyze.restore_latest(os.path.join(directory, 'run'))
-  save_backbone(path, variables)
+  backbones.save_backbone(path, variables)
   logging.warning('Pretrained backbone: %.1f %% test accuracy on its own draw.',
                   100 * results['eval_accuracy'])
   return path
 
 
-def save_backbone(path: str, variables) -> None:
-  """Saves the trunk, layer4 and neck of inference variables (npz, atomically)."""
-  flat = {}
-  for collection in ('params', 'batch_stats'):
-    tree = {part: variables[collection][part] for part in _PARTS}
-    for key, value in flax.traverse_util.flatten_dict(tree, sep='/').items():
-      flat[f'{collection}/{key}'] = np.asarray(jax.device_get(value))
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **flat)
-  os.replace(tmp, path)
 
 
-def load_backbone(path: str, fresh):
-  """Training (or inference) variables `fresh` with their trunk, every layer4 copy and neck
-  replaced by the saved backbone's. Raises ValueError naming a missing or misshaped entry."""
-  with np.load(path) as saved:
-    flat = dict(saved)
-  training = not dmue_model.is_inference_variables(fresh)
-  out = jax.tree.map(np.asarray, fresh)
-  for name, value in flat.items():
-    collection, part, *rest = name.split('/')
-    target_part = 'branches' if (part == 'branch' and training) else part
-    node = out[collection][target_part]
-    for key in rest[:-1]:
-      node = node[key]
-    want = tuple(np.shape(node[rest[-1]]))
-    copies = want[1:] if target_part == 'branches' else want
-    if tuple(np.shape(value)) != copies:
-      raise ValueError(f'{path}: {name} has shape {np.shape(value)}, the model needs '
-                       f'{copies}. Was it made for another backbone or image size?')
-    node[rest[-1]] = np.array(np.broadcast_to(value, want))
-  return out
+def prepare_start(config) -> None:
+  """Builds what `config.model.init_from` names when a stage makes it (the SynthFER pretrained
+  backbone), so that `train.initial_variables` can load it."""
+  if config.model.init_from == backbones.KEYWORD:
+    ensure_pretrained(config)

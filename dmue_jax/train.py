@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import signal
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import logging
@@ -24,18 +24,20 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+from dmue_jax import backbones
 from dmue_jax import checkpoints
 from dmue_jax import cli
-from dmue_jax import compiler
 from dmue_jax import config_lib
+from dmue_jax import convert_torch
 from dmue_jax import datasets
 from dmue_jax import input_pipeline
+from dmue_jax import kernels
 from dmue_jax import losses
 from dmue_jax import metrics as metrics_lib
 from dmue_jax import parallel
 from dmue_jax.errors import UserError
+from dmue_jax.kernels import compiler
 from dmue_jax.models import dmue as dmue_model
-from dmue_jax.models import fast_grads
 
 Variables = dict[str, Any]
 
@@ -163,6 +165,19 @@ def dmue_forward(model: dmue_model.DMUEModel, dmue_cfg, variables, images, dropo
                            gram_features=not dmue_cfg.sp_on_aux_logits, frozen_bn=frozen_bn)
 
 
+def total_loss(terms: dict, dmue_cfg, epoch):
+  """(total, ramp_up, ramp_down): up(e) (ce + w soft + gamma sp) + down(e) aux_weight aux, with
+  both ramps held at 1 when dmue_cfg.ramps is off (an ablation)."""
+  if dmue_cfg.ramps:
+    up = losses.ramp_up(epoch, dmue_cfg.ramp_a)
+    down = losses.ramp_down(epoch, dmue_cfg.ramp_a)
+  else:
+    up = down = jnp.ones((), jnp.float32)
+  total = (up * (terms['ce'] + dmue_cfg.w * terms['soft'] + dmue_cfg.gamma * terms['sp'])
+           + down * dmue_cfg.aux_weight * terms['aux'])
+  return total, up, down
+
+
 def dmue_terms(model: dmue_model.DMUEModel, dmue_cfg, params, batch_stats, images, epoch,
                dropout_rng, frozen_bn: bool = False):
   """Loss terms on a grouped batch.
@@ -181,16 +196,13 @@ def dmue_terms(model: dmue_model.DMUEModel, dmue_cfg, params, batch_stats, image
   latent = losses.latent_distribution(latent_logits=out['latent_logits'], T=dmue_cfg.T)
   gram_src = out['aux_logits'] if dmue_cfg.sp_on_aux_logits else out['aux_feats']
   terms = {
-      'ce': losses.scaled_ce(target_logits=out['target_logits'], score=score),
+      'ce': losses.scaled_ce(target_logits=out['target_logits'],
+                             score=score if dmue_cfg.score_scaling else jnp.ones_like(score)),
       'soft': losses.soft_loss(target_logits=out['target_logits'], latent=latent),
       'sp': losses.sp_loss(aux=gram_src, target_feats=out['target_feats']),
       'aux': losses.aux_loss(aux_logits=out['aux_logits']),
   }
-  up = losses.ramp_up(epoch, dmue_cfg.ramp_a)
-  down = losses.ramp_down(epoch, dmue_cfg.ramp_a)
-  terms['total'] = (up * terms['ce'] + up * (dmue_cfg.w * terms['soft'] +
-                                             dmue_cfg.gamma * terms['sp'])
-                    + down * terms['aux'])
+  terms['total'], up, down = total_loss(terms, dmue_cfg, epoch)
   extra = {'score': score[..., 0], 'latent': latent, 'new_stats': new_stats,
            'target_logits': out['target_logits'], 'ramp_up': up, 'ramp_down': down,
            # Row c of the grouped batch is annotated c: its entries of column c.
@@ -507,21 +519,24 @@ def _load_splits(config):
 
 def initial_variables(config, rng) -> Variables:
   """Random variables ('' or 'scratch'), or those of config.model.init_from: official torch
-  weights, a dmue_jax backbone (.npz, `pretrain.save_backbone`), or 'synthfer_pretrained'
-  (`pretrain.ensure_pretrained`)."""
+  weights, a dmue_jax backbone (.npz, `backbones.save_backbone`), or 'synthfer_pretrained'
+  (the cached backbone `pretrain.ensure_pretrained` makes)."""
   if config.model.init_from in ('', 'scratch'):
     return init_variables(config, rng)
-  from dmue_jax import pretrain  # pylint: disable=g-import-not-at-top (pretrain trains)
   path = config.model.init_from
-  if path == pretrain.KEYWORD:
-    path = pretrain.ensure_pretrained(config)
+  if path == backbones.KEYWORD:
+    path = backbones.cached_path(config)
+    if not os.path.exists(path):
+      raise UserError(
+          "config.model.init_from='synthfer_pretrained': the pretrained backbone for this "
+          f'config is not built yet ({path}). Start the run with `python -m dmue_jax.main`, '
+          'which builds it once, or call dmue_jax.pretrain.ensure_pretrained(config) first.')
   if path.endswith('.npz'):
     try:
-      return pretrain.load_backbone(path, init_variables(config, rng))
+      return backbones.load_backbone(path, init_variables(config, rng))
     except (OSError, ValueError, KeyError) as e:
       raise checkpoints.CheckpointError(
           f'config.model.init_from={path}: cannot load it as a dmue_jax backbone ({e}).') from e
-  from dmue_jax import convert_torch  # pylint: disable=g-import-not-at-top
   variables = convert_torch.load_official_checkpoint(config.model.init_from, config)
   if not uses_dmue(config):
     variables = dmue_model.inference_variables(variables)
@@ -574,7 +589,7 @@ def make_jitted_steps(config, mesh, steps_per_epoch: int, *, frozen_bn: bool = F
 
 def resolved_settings(config) -> dict:
   """What the config's 'auto' settings became on this backend (results.json, checkpoint meta)."""
-  return {'kernels': fast_grads.resolve(config.model.kernels),
+  return {'kernels': kernels.resolve(config.model.kernels),
           'dtype': config_lib.resolve_dtype(config.model.dtype),
           'branch_mode': make_model(config).branch_mode}
 
@@ -589,12 +604,15 @@ def _meta(config, data: RunData, step: int) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       variables: Variables | None = None) -> dict:
+                       variables: Variables | None = None,
+                       hooks: Sequence[Callable[[int], None]] = ()) -> dict:
   """Trains (resuming from the latest checkpoint in workdir), evaluates, writes results.
 
   Writes <workdir>/checkpoints, metrics.jsonl, tensorboard/, results.json and
   confusion_matrix.png (process 0). Returns the results dict. `variables`: the starting
-  weights (default: `initial_variables`); unused when resuming.
+  weights (default: `initial_variables`); unused when resuming. `hooks`: called with the step
+  number after each log step's metrics are written. The ambiguity report is the commands'
+  next stage (`dmue_jax.main.train_and_analyze`).
   """
   config_lib.validate(config)
   checkpoints.check_workdir(workdir)
@@ -682,7 +700,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if writer is not None and log_step:
       writer.write(done, {'epoch': step // spe, **host_metrics,
                           'images_per_second': timer.rate()})
-      _maybe_die_for_test(done)
+      for hook in hooks:
+        hook(done)
     evaluated = mid_eval or (epoch_end and ((done // spe) % config.eval_every_epochs == 0
                                             or done == total_steps))
     if evaluated:
@@ -721,10 +740,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                       os.path.join(workdir, 'confusion_matrix.png'))
     writer.close()
   mgr.close()
-  if config.analyze_at_end:
-    from dmue_jax import analyze  # pylint: disable=g-import-not-at-top (analyze imports train)
-    results.update(analyze.analyze(workdir, config=config, state=state, data=data,
-                                   dynamics=dynamics))
   return results
 
 
@@ -754,13 +769,6 @@ def best_evaluation(workdir: str) -> dict:
     return {}
   best = max(records, key=lambda r: (r['eval_accuracy'], -r['step']))
   return {'best_eval_accuracy': best['eval_accuracy'], 'best_eval_step': best['step']}
-
-
-def _maybe_die_for_test(step: int) -> None:
-  """Tests set DMUE_TEST_KILL_AFTER_STEP=N to SIGKILL the run right after step N is logged,
-  a real crash at a deterministic point for the exact-resume test."""
-  if os.environ.get('DMUE_TEST_KILL_AFTER_STEP') == str(step):
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @functools.partial(jax.jit, donate_argnums=0)

@@ -13,9 +13,9 @@ import pytest
 
 from configs import default
 from dmue_jax import bench
-from dmue_jax import compiler
 from dmue_jax import config_lib
-from dmue_jax.models import fast_grads
+from dmue_jax import kernels
+from dmue_jax.kernels import compiler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'configs', 'default.py')
@@ -68,7 +68,7 @@ def test_json_line_has_every_measurement(capsys, monkeypatch):
   assert parsed == results  # what was printed is what main returns
   # 'auto' settings are reported as what they became on this backend.
   assert parsed['dtype'] == config_lib.resolve_dtype('auto')
-  assert parsed['kernels'] == fast_grads.resolve('auto')
+  assert parsed['kernels'] == kernels.resolve('auto')
   assert parsed['devices'] == jax.device_count()
   assert parsed[f'{mode}_flops_per_step'] == parsed['flops_per_step']
   assert parsed[f'{skipped}_flops_per_step'] is None

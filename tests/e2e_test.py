@@ -27,8 +27,8 @@ def tiny_config(tmp_cache):
   return config
 
 
-def run_main(workdir, cache, *extra, env_extra=None, check=True):
-  env = dict(os.environ, PYTHONPATH=ROOT, **(env_extra or {}))
+def run_main(workdir, cache, *extra, check=True):
+  env = dict(os.environ, PYTHONPATH=ROOT)
   cmd = [sys.executable, '-m', 'dmue_jax.main', '--config', 'configs/default.py:tiny',
          '--workdir', str(workdir), f'--config.input.cache_dir={cache}',
          '--config.progress_bar=False', '--config.analyze_at_end=False', *extra]
@@ -122,7 +122,10 @@ def test_killed_and_restarted_run_equals_uninterrupted(tmp_path, cache):
   run_main(whole, cache)
   # SIGKILL right after step 5 was logged; the last checkpoint saved is step 4, written in the
   # background, so the one complete on disk is step 4 or, if the kill came first, step 3.
-  proc = run_main(broken, cache, env_extra={'DMUE_TEST_KILL_AFTER_STEP': '5'}, check=False)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'tests', 'crash_worker.py'), str(broken), str(cache),
+       '5'], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+      timeout=600)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   assert not os.path.exists(broken / 'results.json')
   restarted = run_main(broken, cache)

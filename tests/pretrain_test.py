@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from dmue_jax import backbones
 from dmue_jax import checkpoints
 from dmue_jax import pretrain
 from dmue_jax import train
@@ -23,13 +24,13 @@ def tiny(tmp_path_factory):
 
 
 def test_stage_one_is_a_disjoint_plain_run(tiny):
-  cfg = pretrain.pretrain_config(tiny)
+  cfg = backbones.pretrain_config(tiny)
   assert not cfg.dmue.enabled and cfg.input.label_noise == 0.0
   assert cfg.input.synthfer_seed != tiny.input.synthfer_seed
   other = default.get_config('tiny')
   other.input.cache_dir = tiny.input.cache_dir
   other.model.width = 32
-  assert pretrain.cache_dir(other) != pretrain.cache_dir(tiny)
+  assert backbones.cache_dir(other) != backbones.cache_dir(tiny)
 
 
 @pytest.mark.slow
@@ -41,7 +42,7 @@ def test_pretrained_backbone_loads_through_init_from(tiny):
   with np.load(path) as saved:
     conv1 = saved['params/trunk/conv1/kernel']
     layer4 = saved['params/branch/layer4_0/conv1/kernel']
-  for init_from in (path, pretrain.KEYWORD):
+  for init_from in (path, backbones.KEYWORD):
     tiny.model.init_from = init_from
     variables = train.initial_variables(tiny, jax.random.key(0))
     np.testing.assert_array_equal(variables['params']['trunk']['conv1']['kernel'], conv1)

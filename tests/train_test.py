@@ -218,6 +218,41 @@ class TrainStepTest(chex.TestCase):
     self.assertLess(abs(results['bfloat16'] - results['float32']),
                     0.02 * abs(results['float32']), results)
 
+  def test_ablation_switches_take_their_term_out_of_the_total(self):
+    """dmue.aux_weight and ramps (the compare command's ablations) in the total."""
+    config = tiny_config(7)
+    d = config.dmue
+    d.ramp_a = 4.0
+    terms = {'ce': 1.5, 'soft': 2.0, 'sp': 0.01, 'aux': 1.2}
+    total, up, down = train.total_loss(terms, d, 1)
+    self.assertLess(float(up), 0.5)  # epoch 1 of ramp_a 4: the ramp matters here
+    self.assertAlmostEqual(float(total), float(up) * (1.5 + d.w * 2.0 + d.gamma * 0.01)
+                           + float(down) * 1.2, places=5)
+    d.ramps = False
+    self.assertAlmostEqual(float(train.total_loss(terms, d, 1)[0]),
+                           1.5 + d.w * 2.0 + d.gamma * 0.01 + 1.2, places=5)
+    d.update({'w': 0.0, 'gamma': 0.0, 'aux_weight': 0.0})
+    self.assertAlmostEqual(float(train.total_loss(terms, d, 1)[0]), 1.5, places=6)
+    d.aux_weight = -1.0
+    with self.assertRaisesRegex(config_lib.ConfigError, 'aux_weight'):
+      config_lib.validate(config)
+
+  def test_without_score_scaling_the_target_loss_is_plain_cross_entropy(self):
+    batch = grouped_batch(7, 2)
+    config = tiny_config(7, kernels='xla')
+    config.dmue.score_scaling = False
+    variables = train.init_variables(config, jax.random.key(0))
+    terms, extra = jax.device_get(jax.jit(lambda p: train.dmue_terms(
+        train.make_model(config), config.dmue, p, variables['batch_stats'], batch['image'], 1,
+        jax.random.key(2)))(variables['params']))
+    logits = extra['target_logits'].reshape(14, 7)
+    labels = np.repeat(np.arange(7), 2)
+    plain = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    scaled = optax.softmax_cross_entropy_with_integer_labels(
+        logits * extra['score'].reshape(14, 1), labels).mean()
+    np.testing.assert_allclose(terms['ce'], plain, rtol=1e-5)
+    self.assertGreater(abs(float(scaled) - float(plain)), 1e-4)  # the score would have scaled
+
   def test_auto_dtype_and_kernels_resolve_by_backend(self):
     self.assertEqual(config_lib.resolve_dtype('auto', 'cpu'), 'float32')
     self.assertEqual(config_lib.resolve_dtype('auto', 'gpu'), 'bfloat16')

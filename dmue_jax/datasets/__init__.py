@@ -30,12 +30,14 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 
-from dmue_jax.errors import UserError
+import tensorflow_datasets as tfds
 
-
-class DatasetError(UserError):
-  """The dataset cannot be loaded; the message names what is missing and how to get it."""
-  exit_code = 2
+from dmue_jax.datasets import affectnet
+from dmue_jax.datasets import ferplus
+from dmue_jax.datasets import folder
+from dmue_jax.datasets import rafdb
+from dmue_jax.datasets import synthfer
+from dmue_jax.errors import DatasetError
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -95,12 +97,6 @@ def default_synthfer_cache_dir() -> str:
 
 def make_builder(input_config):
   """The TFDS builder for `input_config.dataset`, storing its files in the cache dir."""
-  # Imported here: the builder modules import DatasetError from this package, and TFDS
-  # takes a second to import.
-  # pylint: disable=g-import-not-at-top
-  from dmue_jax.datasets import affectnet, ferplus, folder, rafdb, synthfer
-  # pylint: enable=g-import-not-at-top
-
   name = input_config.dataset
   if name == 'synthfer':
     return synthfer.SynthFer(
@@ -130,7 +126,6 @@ def make_builder(input_config):
 
 
 def _prepare(builder) -> None:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder.check_manual_dir()
   logging.warning('Preparing %s into %s, once: later runs reuse it.', builder.name,
                   builder.data_path)

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dmue_jax.datasets import DatasetError
+from dmue_jax.errors import DatasetError
 from dmue_jax.datasets import common
 
 CLASS_NAMES = ('Neutral', 'Happy', 'Sad', 'Surprise', 'Fear', 'Disgust', 'Anger', 'Contempt')

@@ -29,7 +29,7 @@ from PIL import Image
 from PIL import UnidentifiedImageError
 import tensorflow_datasets as tfds
 
-from dmue_jax.datasets import DatasetError
+from dmue_jax.errors import DatasetError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 # Loading images is I/O and C code (libjpeg, OpenCV) that frees the GIL, so threads help;

@@ -27,7 +27,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dmue_jax.datasets import DatasetError
+from dmue_jax.errors import DatasetError
 from dmue_jax.datasets import common
 
 CLASS_NAMES = ('Neutral', 'Happiness', 'Surprise', 'Sadness', 'Anger', 'Disgust', 'Fear',

@@ -30,7 +30,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dmue_jax.datasets import DatasetError
+from dmue_jax.errors import DatasetError
 from dmue_jax.datasets import common
 
 SPLITS = ('train', 'test')

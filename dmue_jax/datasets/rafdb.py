@@ -21,7 +21,7 @@ import os
 from absl import logging
 import numpy as np
 
-from dmue_jax.datasets import DatasetError
+from dmue_jax.errors import DatasetError
 from dmue_jax.datasets import common
 
 CLASS_NAMES = ('Surprise', 'Fear', 'Disgust', 'Happiness', 'Sadness', 'Anger', 'Neutral')

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmue_jax import config_lib
-from dmue_jax.models import fast_grads
+from dmue_jax import kernels
 from dmue_jax.models import layers
 from dmue_jax.models import resnet
 
@@ -146,7 +146,7 @@ class DMUEModel:
                bnneck=model_config.bnneck, dropout=model_config.dropout,
                branch_mode=default_branch_mode() if mode == 'auto' else mode,
                dtype=jnp.dtype(config_lib.resolve_dtype(model_config.dtype)),
-               kernels=fast_grads.select(model_config.kernels))
+               kernels=kernels.select(model_config.kernels))
 
   @property
   def feature_dim(self) -> int:

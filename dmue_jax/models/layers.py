@@ -3,9 +3,9 @@
 The networks in `resnet` and `dmue` take a `Kernels` field and never choose an implementation
 themselves, the way flax's ImageNet ResNet takes its `conv` as a field. `XLA` is plain JAX,
 differentiated by JAX: what runs on GPU and TPU, and what the tests run to check the
-accelerator's graph on a CPU. `dmue_jax.models.fast_grads.CPU` swaps in kernels with custom
-gradients for XLA:CPU. Which one a run uses is `config.model.kernels` ('auto' resolves by
-backend once, in `fast_grads.select`).
+accelerator's graph on a CPU. `dmue_jax.kernels.CPU` swaps in kernels with custom gradients
+for XLA:CPU. Which one a run uses is `config.model.kernels` ('auto' resolves by backend once,
+in `dmue_jax.kernels.select`).
 
 Every batch norm here can take an `axis_name`: inside `shard_map`, where each device holds a
 slice of the batch, its statistics are then reduced over that mesh axis, so they are the global

@@ -169,8 +169,8 @@ class Block(nn.Module):
     if train:
       # Every ReLU output is the input of a convolution whose kernel gradient reads it
       # transposed; `kernels.materialize` may write it once rather than let it be recomputed
-      # there (fast_grads). Its anchor is one entry of conv1's kernel (created before any ReLU):
-      # a parameter, so no device waits for another's data to read it.
+      # there (dmue_jax/kernels/materialize.py). Its anchor is one entry of conv1's kernel
+      # (created before any ReLU): a parameter, so no device waits for another's data to read it.
       materialize = self.kernels.materialize
       anchor = lambda: self.variables['params']['conv1']['kernel'].reshape(-1)[0]
       relu = lambda y: materialize(nn.relu(y), anchor())

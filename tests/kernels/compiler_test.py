@@ -6,7 +6,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from dmue_jax import compiler
+from dmue_jax.kernels import compiler
 
 _YNN = '"kind":"__ynn_fusion"'  # how a YNNPACK fusion shows in the compiled program
 

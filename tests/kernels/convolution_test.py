@@ -1,23 +1,18 @@
-"""The tap-gradient convolution, the max-pools and the matmul batch norm compute what XLA's own
-ops compute, values and gradients."""
+"""The tap-gradient, valid-tap and Winograd convolutions and `conv_auto`'s choice among them
+compute what XLA's own convolution computes, values and gradients."""
 
-import dataclasses
 import functools
-import json
-import os
 import re
-import subprocess
-import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmue_jax.models import fast_grads as conv
+from dmue_jax.kernels import convolution as conv
 from dmue_jax.models import layers
 from dmue_jax.models import resnet
+from kernels_testing import spy
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -49,12 +44,6 @@ def assert_conv_matches_lax(fn, x, w, strides, padding, value_tol=1e-5):
   got_dx, got_dw = jax.jit(jax.grad(loss(fn), argnums=(0, 1)))(x, w)
   np.testing.assert_allclose(got_dx, want_dx, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got_dw, want_dw, rtol=1e-5, atol=1e-5)
-
-
-def spy(monkeypatch, name, record):
-  """Replaces conv.<name> by a wrapper that calls record(name, args) first."""
-  original = getattr(conv, name)
-  monkeypatch.setattr(conv, name, lambda *a, **kw: record(name, a) or original(*a, **kw))
 
 
 @pytest.mark.parametrize('kernel,stride,padding,size', [
@@ -97,20 +86,6 @@ def test_other_convolutions_fall_back_to_lax():
   want = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC,
                                       feature_group_count=2)
   np.testing.assert_array_equal(got, want)
-
-
-def test_kernel_setting_resolves_once_by_backend():
-  """config.model.kernels: 'auto' is the CPU set on a CPU backend and XLA's elsewhere; 'xla' and
-  'cpu' force one; anything else is an error naming the choices."""
-  assert conv.select('auto', 'cpu') is conv.CPU
-  for backend in ('gpu', 'tpu'):
-    assert conv.select('auto', backend) is layers.XLA
-  assert conv.select('xla', 'cpu') is layers.XLA
-  assert conv.select('cpu', 'gpu') is conv.CPU
-  assert conv.CPU.conv is conv.conv_auto and conv.CPU.batch_norm is conv.batch_norm_matmul
-  assert layers.XLA.conv is jax.lax.conv_general_dilated
-  with pytest.raises(ValueError, match='auto, xla, cpu'):
-    conv.select('fast')
 
 
 # ------------------------------------------------------------------ valid taps
@@ -369,244 +344,3 @@ def test_flax_conv_in_a_resnet_block_matches_lax(monkeypatch):
   for a, b, c in zip(jax.tree.leaves(taps), jax.tree.leaves(strided), jax.tree.leaves(xla)):
     np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(b, c, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize('size', [8, 7])
-def test_max_pool_matches_flax_with_ties(size):
-  """Value and gradient equal nn.max_pool's (select-and-scatter: first maximum takes it all),
-  including windows with tied maxima (after a ReLU) and an odd size (floor mode)."""
-  rng = np.random.default_rng(4)
-  x = jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32)
-  x = jnp.maximum(x, 0.3)  # many windows tie at 0.3
-  x = x.at[0, 0, 0, 0].set(2.0).at[0, 1, 1, 0].set(2.0)   # a tie across the window's diagonal
-  ref = lambda x: nn.max_pool(x, (2, 2), (2, 2))
-  cot = jnp.asarray(rng.normal(size=ref(x).shape), jnp.float32)
-  np.testing.assert_array_equal(conv.max_pool_2x2(x), ref(x))
-  got = jax.jit(jax.grad(lambda x: jnp.sum(conv.max_pool_2x2(x) * cot)))(x)
-  want = jax.grad(lambda x: jnp.sum(ref(x) * cot))(x)
-  np.testing.assert_array_equal(got, want)
-  assert float(got[0, 1, 1, 0]) == 0.0 and float(got[0, 0, 0, 0]) == float(cot[0, 0, 0, 0])
-
-
-@pytest.mark.parametrize('shape', [(2, 8, 8, 3), (2, 7, 9, 3), (1, 2, 2, 1), (1, 1, 3, 2)])
-def test_max_pool_3x3_matches_flax_with_ties(shape):
-  """The standard stem's 3x3/2 pool (padding 1): value equal to nn.max_pool's, gradient equal
-  to select-and-scatter's (first maximum of each window in row-major order) up to the order in
-  which overlapping windows' gradients are summed; even and odd sizes."""
-  rng = np.random.default_rng(5)
-  x = jnp.maximum(jnp.asarray(rng.normal(size=shape), jnp.float32), 0.3)  # many ties at 0.3
-  ref = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-  np.testing.assert_array_equal(conv.max_pool_3x3(x), ref(x))
-  cot = jnp.asarray(rng.normal(size=ref(x).shape), jnp.float32)
-  got = jax.jit(jax.grad(lambda x: jnp.sum(conv.max_pool_3x3(x) * cot)))(x)
-  want = jax.grad(lambda x: jnp.sum(ref(x) * cot))(x)
-  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
-
-
-def test_max_pool_3x3_gives_a_tied_window_to_its_first_maximum():
-  # One 4x4 map of zeros but for two tied maxima in window (0, 0): rows 0..1, columns 0..1
-  # (padding makes it a 3x3 window at -1..1). Only the first in row-major order, (0, 1), gets
-  # the window's gradient; (1, 0) gets none from that window, but it is also in window (1, 0)
-  # (rows 1..3), where it is the first maximum.
-  x = jnp.zeros((1, 4, 4, 1)).at[0, 0, 1, 0].set(1.0).at[0, 1, 0, 0].set(1.0)
-  cot = jnp.arange(1.0, 5.0).reshape(1, 2, 2, 1)
-  got = jax.grad(lambda x: jnp.sum(conv.max_pool_3x3(x) * cot))(x)
-  want = jax.grad(lambda x: jnp.sum(
-      nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1))) * cot))(x)
-  np.testing.assert_array_equal(got, want)
-  assert float(got[0, 0, 1, 0]) == 1.0 + 2.0  # first maximum of windows (0, 0) and (0, 1)
-  assert float(got[0, 1, 0, 0]) == 3.0        # first maximum of window (1, 0) only
-
-
-def test_whole_dmue_loss_gradient_matches_lax(monkeypatch):
-  """Every parameter's gradient of the full DMUE loss (trunk, 7 auxiliary and the target
-  branches, every loss term) agrees with XLA's own convolution gradients and autodiff BatchNorm,
-  with the tap kernel gradients, with the valid-tap convolutions (the tiny config's small maps
-  take them almost everywhere), with Winograd's convolutions and with the matmul BatchNorm."""
-  from configs import default  # pylint: disable=g-import-not-at-top
-  from dmue_jax import train  # pylint: disable=g-import-not-at-top
-  config = default.get_config('tiny')
-  config.model.branch_mode = 'loop'
-  c, k = 7, 2
-  variables = train.init_variables(config, jax.random.key(0))
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.normal(size=(c * k, 32, 32, 3)), jnp.float32)
-  labels = jnp.asarray(np.repeat(np.arange(c), k))
-
-  convs = {'xla': jax.lax.conv_general_dilated, 'auto': conv.conv_auto,
-           'taps': conv.conv_general_dilated}
-  norms = {'xla': layers.batch_norm, 'matmul': conv.batch_norm_matmul}
-  make_model = train.make_model
-
-  def grads(conv_grad, batch_norm):
-    kernels = dataclasses.replace(conv.CPU, conv=convs[conv_grad], batch_norm=norms[batch_norm])
-    monkeypatch.setattr(train, 'make_model', lambda config: dataclasses.replace(
-        make_model(config), kernels=kernels))
-
-    def loss(params):
-      return train.loss_terms({'params': params, 'batch_stats': variables['batch_stats']},
-                              images, labels, epoch=10, config=config)['total']
-    return jax.jit(jax.grad(loss))(variables['params'])
-
-  xla = grads('xla', 'xla')
-  shapes = {'conv_valid_taps': [], 'conv_winograd': []}
-  for name in shapes:
-    spy(monkeypatch, name, lambda name, args: shapes[name].append(args[1].shape))
-  valid_taps, winograd = shapes['conv_valid_taps'], shapes['conv_winograd']
-  auto = grads('auto', 'xla')
-  # The tiny config's layer4 (128 channels on a 2x2 map) takes the valid taps in every
-  # branch. Winograd, which gains nothing on such small maps, is forced here onto every
-  # stride-1 3x3 convolution from 32 input channels: layer2's 4x4 map (2x2 overlapping tiles),
-  # layer3's 2x2 and the branches' 1x1 maps.
-  assert len(valid_taps) >= 8 and (3, 3, 128, 128) in valid_taps, valid_taps
-  assert not winograd
-  monkeypatch.setattr(conv, 'winograd_wins', lambda x_shape, w_shape, strides, padding, dtype:
-                      tuple(w_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
-                      and x_shape[-1] >= 32)
-  winograd_auto = grads('auto', 'xla')
-  assert len(winograd) >= 8 * 3 and (3, 3, 128, 128) in winograd, winograd
-  assert (3, 3, 32, 32) in winograd, winograd
-  for variant in (grads('taps', 'xla'), auto, winograd_auto, grads('xla', 'matmul')):
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(variant), jax.tree.leaves(xla)):
-      a, b = np.asarray(a), np.asarray(b)
-      rel = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
-      assert rel < 1e-4, (jax.tree_util.keystr(path), rel)
-
-
-# ------------------------------------------------------------------ batch norm
-def _bn_case(shape, seed=0):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(size=shape) * 3 + 1, jnp.float32)
-  scale = jnp.asarray(rng.uniform(0.5, 1.5, shape[-1]), jnp.float32)
-  bias = jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
-  cot = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in (shape, shape[-1:], shape[-1:])]
-  return x, scale, bias, cot
-
-
-@pytest.mark.parametrize('shape', [(6, 5, 7, 4), (9, 3), (2, 1, 1, 8)])
-def test_column_sum_matches_float64(shape):
-  x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
-  want = x.reshape(-1, shape[-1]).astype(np.float64).sum(0)
-  np.testing.assert_allclose(conv.column_sum(jnp.asarray(x)), want, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize('shape', [(6, 5, 7, 4), (12, 16), (3, 2, 2, 8)])
-def test_matmul_batch_norm_matches_autodiff(shape):
-  """Outputs and the custom gradient, with cotangents on y, the mean and the variance (the
-  running statistics are built from the last two)."""
-  x, scale, bias, (g_y, g_mean, g_var) = _bn_case(shape)
-
-  def loss(fn, x, scale, bias):
-    y, mean, var = fn(x, scale, bias, 1e-5)
-    return jnp.vdot(y, g_y) + jnp.vdot(mean, g_mean) + jnp.vdot(var, g_var)
-
-  for got, want in zip(conv.batch_norm_matmul(x, scale, bias, 1e-5),
-                       layers.batch_norm(x, scale, bias, 1e-5)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  got = jax.grad(functools.partial(loss, conv.batch_norm_matmul), (0, 1, 2))(x, scale, bias)
-  want = jax.grad(functools.partial(loss, layers.batch_norm), (0, 1, 2))(x, scale, bias)
-  for a, b in zip(got, want):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_matmul_batch_norm_in_a_resnet_block_under_vmap():
-  """The BatchNorm module through both implementations: the training output, the running
-  statistics and the parameter gradients agree, also for stacked branches under jax.vmap (as
-  models/dmue.py applies them)."""
-  x = jnp.asarray(np.random.default_rng(4).normal(size=(6, 8, 8, 8)), jnp.float32)
-  block = resnet.Block(8, 'basic')
-  keys = jax.random.split(jax.random.key(0), 3)
-  variables = jax.vmap(lambda k: block.init(k, x, train=False))(keys)
-
-  results = {}
-  for mode, norm in (('xla', layers.batch_norm), ('matmul', conv.batch_norm_matmul)):
-    b = block.clone(kernels=layers.Kernels(mode, batch_norm=norm))
-
-    def loss(params, stats, b=b):
-      y, new = b.apply({'params': params, 'batch_stats': stats}, x, train=True,
-                       mutable=['batch_stats'])
-      return jnp.sum(jnp.tanh(y)), new['batch_stats']
-
-    one = jax.value_and_grad(loss, has_aux=True)
-    first = jax.tree.map(lambda a: a[0], variables)
-    results[mode] = (one(first['params'], first['batch_stats']),
-                     jax.vmap(one)(variables['params'], variables['batch_stats']))
-  for a, b in zip(jax.tree.leaves(results['matmul']), jax.tree.leaves(results['xla'])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_identity_cond_is_the_identity_in_value_and_gradient():
-  """x * 1 is x exactly, so both branches return x: NaN and -0 included, and the gradient is
-  passed through unchanged."""
-  x = jnp.asarray([[np.nan, -0.0, 1.5], [2.0, -3.0, 1e-30]], jnp.float32)
-  cond = jax.jit(conv.identity_cond)
-  for anchor in (0.5, np.nan):                           # a NaN anchor takes the other branch
-    got = cond(x, jnp.float32(anchor))
-    np.testing.assert_array_equal(got, x)
-    assert np.array_equal(np.signbit(got), np.signbit(x))
-    cot = jnp.arange(6.0).reshape(2, 3)
-    _, vjp = jax.vjp(lambda a, anchor=anchor: cond(a, jnp.float32(anchor)), x)
-    np.testing.assert_array_equal(vjp(cot)[0], cot)
-
-
-def _block_train_grads(block, variables, x):
-  def loss(params):
-    y, new = block.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
-    return jnp.sum(jnp.tanh(y)), new['batch_stats']
-  return jax.jit(jax.value_and_grad(loss, has_aux=True))
-
-
-@pytest.mark.parametrize('kind', ['basic', 'bottleneck'])
-def test_materialized_block_matches_and_keeps_its_conditionals(kind):
-  """A training block on CPU writes its ReLU outputs through conditionals (2 for 'basic', 3 for
-  'bottleneck'): XLA keeps them, which is what stops it fusing the activations into the
-  kernel-gradient transposes. Loss, gradients and statistics equal the block without them."""
-  x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 8, 8, 16)), jnp.float32)
-  block = resnet.Block(4 if kind == 'bottleneck' else 16, kind, stride=2, downsample=True)
-  variables = block.init(jax.random.key(1), x, train=False)
-  results, conditionals = {}, {}
-  for mode, materialize in (('cond', conv.identity_cond), ('off', layers.identity)):
-    step = _block_train_grads(block.clone(kernels=layers.Kernels(mode, materialize=materialize)),
-                              variables, x)
-    hlo = step.lower(variables['params']).compile().as_text()
-    conditionals[mode] = hlo.count(' conditional(')
-    results[mode] = step(variables['params'])
-  # Forward and backward each keep one conditional per ReLU output.
-  assert conditionals == {'cond': 2 * (2 if kind == 'basic' else 3), 'off': 0}
-  for a, b in zip(jax.tree.leaves(results['cond']), jax.tree.leaves(results['off'])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-_SHARDED_BLOCK = """
-import json, sys
-import jax, jax.numpy as jnp, numpy as np
-from dmue_jax.models import fast_grads, layers, resnet
-materialize = fast_grads.identity_cond if sys.argv[1] == 'cond' else layers.identity
-mesh = jax.make_mesh((2,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
-data = np.random.default_rng(6).normal(size=(4, 8, 8, 16)).astype(np.float32)
-x = jax.device_put(data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
-block = resnet.Block(16, 'basic', kernels=layers.Kernels('test', materialize=materialize))
-variables = block.init(jax.random.key(2), data, train=False)
-def loss(params, x):
-  y, _ = block.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
-  return jnp.sum(jnp.tanh(y))
-hlo = jax.jit(jax.grad(loss)).lower(variables['params'], x).compile().as_text()
-print(json.dumps([hlo.count(' conditional('), hlo.count('all-reduce(')]))
-"""
-
-
-def test_materialized_block_adds_no_collective_when_sharded():
-  """The predicate reads a (replicated) parameter, not the batch-sharded activations: with the
-  batch split over two CPU devices the block's gradient has as many all-reduces as without the
-  conditionals (BatchNorm's own). Reading the first activation cost one more per conditional."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  counts = {}
-  for mode in ('cond', 'off'):
-    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS='cpu',
-               XLA_FLAGS='--xla_force_host_platform_device_count=2')
-    proc = subprocess.run([sys.executable, '-c', _SHARDED_BLOCK, mode], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    counts[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert counts['cond'][0] > 0 and counts['off'][0] == 0
-  assert counts['cond'][1] == counts['off'][1] > 0

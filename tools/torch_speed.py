@@ -1,10 +1,11 @@
 """Times the PyTorch re-creation of the reference DMUE train step (and a plain ResNet-18 step).
 
-This is the CPU yardstick for `python -m dmue_jax.bench`: the authors' training step
-(tests/torch_reference.py follows their forward and loss operation by operation) and a plain
+This is the CPU yardstick for `python -m dmue_jax.bench`, a tool rather than a test: the
+authors' training step (the tests' tests/torch_reference.py follows their forward and loss
+operation by operation) and a plain
 ResNet-18 cross-entropy step, on the same machine, batch and image size. Needs torch:
 
-  python3 tests/torch_speed.py --image-size 112 --batch-per-class 10 [--steps 5] [--threads N]
+  python3 tools/torch_speed.py --image-size 112 --batch-per-class 10 [--steps 5] [--threads N]
 
 Prints one JSON line: {"torch_dmue_images_per_second", "torch_plain_images_per_second", ...}.
 """
@@ -20,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests'))
 import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 

@@ -3,13 +3,14 @@
 On CPU, jaxlib 0.10 hands convolutions and matrix products to YNNPACK
 (`xla_cpu_experimental_ynn_fusion_type`). XLA's own Eigen kernels run this project's ResNet
 convolutions faster, forward and gradients, while YNNPACK's matrix products are faster than
-Eigen's (the valid-tap and Winograd convolutions of fast_grads and the BatchNorm sums are matrix
-products). So every jit of the library compiles on CPU with LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT:
-YNNPACK for matrix products alone, Eigen for convolutions, XLA's own code for everything else
-(YNNPACK's elementwise fusions were slower). A user who sets the option in XLA_FLAGS keeps their
-choice; on GPU and TPU nothing is added. A jaxlib that does not know the value gets the option
-empty (all Eigen), and one that does not know the option (older ones, without YNNPACK) gets no
-options. The measurements: docs/performance.md, "compiler.py".
+Eigen's (the valid-tap and Winograd convolutions of `convolution` and the BatchNorm sums of
+`batch_norm` are matrix products). So every jit of the library compiles on CPU with
+LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT: YNNPACK for matrix products alone, Eigen for convolutions,
+XLA's own code for everything else (YNNPACK's elementwise fusions were slower). A user who sets
+the option in XLA_FLAGS keeps their choice; on GPU and TPU nothing is added. A jaxlib that does
+not know the value gets the option empty (all Eigen), and one that does not know the option
+(older ones, without YNNPACK) gets no options. The measurements: docs/performance.md,
+"kernels/compiler.py".
 """
 
 from __future__ import annotations

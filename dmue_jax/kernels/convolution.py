@@ -1,19 +1,17 @@
-"""The CPU layer set (`CPU`): convolutions, max-pools and batch norm whose gradients suit XLA:CPU.
+"""Convolutions for XLA:CPU that compute what `lax.conv_general_dilated` computes.
 
-`config.model.kernels='auto'` picks this set on a CPU; GPU and TPU run XLA's own layers
-(`layers.XLA`). Each function computes what XLA computes, to float32 rounding (tested down to the
-gradient of the whole DMUE loss), but avoids a path that XLA:CPU runs slowly:
+Each agrees with XLA's NHWC/HWIO convolution to float32 rounding, value and gradients, but
+avoids a path that XLA:CPU runs slowly:
 
-* `conv_auto` picks per shape: `conv_winograd` (F(2x2, 3x3): 16 products per 2x2 output tile
-  instead of 36) for float32 stride-1 3x3 convolutions from WINOGRAD_MIN_CHANNELS input channels,
-  `conv_valid_taps` (one matmul per kernel tap over only the outputs whose input is real, so small
-  maps skip their zero padding) where `valid_taps_win`, else XLA's convolution.
-* `max_pool_2x2`, `max_pool_3x3`: gradients as first-maximum masks, not select-and-scatter.
-* `batch_norm_matmul`: statistics and backward sums as ones @ x products, not 4-D reductions.
-* `identity_cond`: a conditional XLA cannot fuse through, so activations are written once rather
-  than recomputed inside the transposes before each kernel gradient.
-The tap kernel gradients (`conv_general_dilated`, `conv_strided_taps`) stay for comparison. The
-measurements behind each choice: docs/performance.md, "models/fast_grads.py".
+* `conv_auto` (the CPU set's convolution) picks per shape: `conv_winograd` (F(2x2, 3x3): 16
+  products per 2x2 output tile instead of 36) for float32 stride-1 3x3 convolutions from
+  WINOGRAD_MIN_CHANNELS input channels, `conv_valid_taps` (one matmul per kernel tap over only
+  the outputs whose input is real, so small maps skip their zero padding) where
+  `valid_taps_win`, else XLA's convolution.
+* The tap kernel gradients (`conv_general_dilated`, `conv_strided_taps`) and
+  `conv_auto_without_winograd` stay for comparison.
+The strided-window helpers here also serve `pooling`. The measurements behind each choice:
+docs/performance.md, "kernels/convolution.py".
 """
 
 from __future__ import annotations
@@ -24,8 +22,6 @@ from collections.abc import Callable, Sequence
 import jax
 from jax import lax
 import jax.numpy as jnp
-
-from dmue_jax.models import layers
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Up to this many patch columns (k*k*Ci) one matmul on gathered patches beats k*k tap matmuls.
@@ -243,7 +239,8 @@ def valid_taps_win(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequ
 # on the ResNet shapes (tests hold layer4's within 1.5x). Each transform is linear and gets its
 # transpose as a custom gradient, one pass over its data, where autodiff of the slices and stacks
 # would pad and add per term. Being custom_vjp, they support reverse-mode differentiation only
-# (so does `batch_norm_matmul`, the CPU BatchNorm); `conv_auto_without_winograd` avoids them.
+# (so does `batch_norm.batch_norm_matmul`, the CPU BatchNorm); `conv_auto_without_winograd`
+# avoids them.
 
 
 def _winograd_tiles(size: int, pads: tuple[int, int]) -> tuple[int, int]:
@@ -467,190 +464,3 @@ def conv_auto(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
 def conv_auto_without_winograd(*args, **kwargs):
   """`conv_auto` as it was before Winograd (for comparison)."""
   return conv_auto(*args, winograd=False, **kwargs)
-
-
-# ------------------------------------------------------------------ max-pool
-def _first_maximum(views: Sequence[jax.Array], y: jax.Array) -> list[jax.Array]:
-  """Where each view (a window tap, in row-major tap order) is its window's first maximum.
-
-  views: arrays shaped like y, the pooled maxima. Returns one bool mask per view; every
-  window's gradient goes to exactly one tap, the first that equals the maximum, as PyTorch's
-  max_pool2d and XLA's select-and-scatter choose among ties.
-  """
-  taken = jnp.zeros(y.shape, bool)
-  hits = []
-  for view in views:
-    hit = (view == y) & ~taken
-    taken = taken | hit
-    hits.append(hit)
-  return hits
-
-
-def _pool_windows(x: jax.Array) -> jax.Array:
-  """[N, H, W, C] -> [N, H//2, 2, W//2, 2, C] (an odd last row/column is dropped, floor mode)."""
-  n, h, w, c = x.shape
-  return x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
-
-
-@jax.custom_vjp
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 max-pool, stride 2, no padding: [N, H, W, C] -> [N, H//2, W//2, C]."""
-  return jnp.max(_pool_windows(x), axis=(2, 4))
-
-
-def _max_pool_fwd(x):
-  y = max_pool_2x2(x)
-  return y, (x, y)
-
-
-def _max_pool_bwd(residuals, g):
-  x, y = residuals
-  windows = _pool_windows(x)
-  taps = ((0, 0), (0, 1), (1, 0), (1, 1))
-  masks = dict(zip(taps, _first_maximum([windows[:, :, a, :, b, :] for a, b in taps], y)))
-  rows = [jnp.stack([masks[a, 0], masks[a, 1]], axis=3) for a in (0, 1)]   # [N, h, w, 2, C]
-  mask = jnp.stack(rows, axis=2)                                            # [N, h, 2, w, 2, C]
-  grad = jnp.where(mask, g[:, :, None, :, None, :], 0).astype(x.dtype)
-  n, h, _, w, _, c = grad.shape
-  grad = grad.reshape(n, 2 * h, 2 * w, c)
-  return (jnp.pad(grad, ((0, 0), (0, x.shape[1] - 2 * h), (0, x.shape[2] - 2 * w), (0, 0))),)
-
-
-max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
-
-
-def _pad_3x3(x: jax.Array) -> tuple[jax.Array, int, int]:
-  """x padded with -inf: 1 before, and after up to 2*Ho+1 rows / 2*Wo+1 columns."""
-  _, h, w, _ = x.shape
-  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-  xp = jnp.pad(x, ((0, 0), (1, 2 * ho - h), (1, 2 * wo - w), (0, 0)),
-               constant_values=-jnp.inf)
-  return xp, ho, wo
-
-
-@jax.custom_vjp
-def max_pool_3x3(x: jax.Array) -> jax.Array:
-  """3x3 max-pool, stride 2, padding 1 (PyTorch's and flax's): [N, H, W, C] ->
-  [N, (H-1)//2+1, (W-1)//2+1, C]."""
-  # XLA's own reduce-window for the value (faster than the nine views on large maps).
-  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                           ((0, 0), (1, 1), (1, 1), (0, 0)))
-
-
-def _max_pool_3x3_fwd(x):
-  y = max_pool_3x3(x)
-  return y, (x, y)
-
-
-def _interleave_taps(taps: Sequence[jax.Array], axis: int) -> jax.Array:
-  """Gradients of taps 0, 1, 2 (each Ho long on `axis`) -> their sum at the 2*Ho+1 padded
-  positions they read: even position 2o gets tap 0 of window o and tap 2 of window o-1, odd
-  position 2o+1 gets tap 1 of window o."""
-  t0, t1, t2 = taps
-  n = t0.shape[axis]
-  even = _pad_axis(t0, axis, 0, 1) + _pad_axis(t2, axis, 1, 0)   # n + 1 positions
-  odd = _pad_axis(t1, axis, 0, 1)                                # n + 1, the last one unused
-  return lax.slice_in_dim(_interleave_even_odd(even, odd, axis), 0, 2 * n + 1, axis=axis)
-
-
-def _max_pool_3x3_bwd(residuals, g):
-  x, y = residuals
-  _, h, w, _ = x.shape
-  xp, ho, wo = _pad_3x3(x)
-  hits = _first_maximum(_tap_views(xp, 3, 3, (2, 2), ho, wo), y)
-  parts = [jnp.where(hit, g, 0).astype(jnp.float32) for hit in hits]
-  rows = [_interleave_taps(parts[j::3], axis=1) for j in range(3)]   # per column tap j
-  grad = _interleave_taps(rows, axis=2)                              # [N, 2Ho+1, 2Wo+1, C]
-  return (grad[:, 1:1 + h, 1:1 + w].astype(x.dtype),)
-
-
-max_pool_3x3.defvjp(_max_pool_3x3_fwd, _max_pool_3x3_bwd)
-
-
-# ------------------------------------------------------------------ batch norm
-def column_sum(x: jax.Array) -> jax.Array:
-  """Sum over every axis but the last: [N, ..., C] -> [C].
-
-  As ones[N] @ x.reshape(N, -1), then a sum over the [R, C] rows that leaves (module
-  docstring: faster on XLA:CPU than one reduction over three axes, and rounds less).
-  """
-  n, c = x.shape[0], x.shape[-1]
-  rows = jnp.dot(jnp.ones((n,), x.dtype), x.reshape(n, -1), precision=lax.Precision.HIGHEST)
-  return jnp.sum(rows.reshape(-1, c), axis=0)
-
-
-def _global_sum(value: jax.Array, axis_name: str | None) -> jax.Array:
-  return value if axis_name is None else lax.psum(value, axis_name)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_norm_matmul(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
-                      axis_name: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`layers.batch_norm` with every sum, forward and backward, as a `column_sum`."""
-  mean, var = layers.batch_norm_statistics(x, column_sum, axis_name)
-  return layers.normalize(x, mean, var, scale, bias, epsilon), mean, var
-
-
-def _batch_norm_matmul_fwd(x, scale, bias, epsilon, axis_name):
-  mean, var = layers.batch_norm_statistics(x, column_sum, axis_name)
-  y = layers.normalize(x, mean, var, scale, bias, epsilon)
-  return (y, mean, var), (x, scale, mean, lax.rsqrt(var + epsilon))
-
-
-def _batch_norm_matmul_bwd(epsilon, axis_name, residuals, cotangents):
-  del epsilon
-  x, scale, mean, inv = residuals
-  g, g_mean, g_var = cotangents
-  count = x.size // x.shape[-1]
-  if axis_name is not None:
-    count *= lax.axis_size(axis_name)
-  centred = x - mean
-  sum_g = column_sum(g)
-  sum_g_centred = column_sum(g * centred)
-  # y = centred * inv * scale + bias. Through the batch statistics, with xhat = centred * inv:
-  # dx = scale * inv * (g - mean(g) - xhat * mean(g * xhat)), plus the direct paths of the
-  # mean and variance outputs (d mean / dx = 1/count, d var / dx = 2 * centred / count). The
-  # means are over the global batch; scale's and bias's gradients are this device's share
-  # (shard_map's transpose of a replicated parameter adds the shares).
-  k = scale * inv
-  constant = (g_mean - k * _global_sum(sum_g, axis_name)) / count
-  slope = (2 * g_var - k * inv * inv * _global_sum(sum_g_centred, axis_name)) / count
-  dx = k * g + constant + slope * centred
-  return dx, sum_g_centred * inv, sum_g
-
-
-batch_norm_matmul.defvjp(_batch_norm_matmul_fwd, _batch_norm_matmul_bwd)
-
-
-# ------------------------------------------------------------------ materialise
-def identity_cond(x: jax.Array, anchor: jax.Array) -> jax.Array:
-  """x through a `lax.cond` whose branches both return it, on a predicate XLA cannot fold.
-
-  anchor: any scalar the program holds at run time, e.g. one parameter entry. A parameter is
-  replicated across devices, so the predicate needs no collective, where reading x itself (a
-  batch-sharded map) made XLA broadcast its first entry to every device for every conditional.
-  """
-  # False only for a NaN anchor. x * 1 is x exactly (IEEE), but XLA keeps a conditional only
-  # while its branches differ: two `lambda a: a` branches are merged and the fusion comes back.
-  return lax.cond(anchor == anchor, lambda a: a, lambda a: a * 1.0, x)
-
-
-# ------------------------------------------------------------------ the CPU kernel set
-CPU = layers.Kernels('cpu', conv=conv_auto, batch_norm=batch_norm_matmul,
-                     materialize=identity_cond, max_pool_2x2=max_pool_2x2,
-                     max_pool_3x3=max_pool_3x3)
-KERNEL_SETTINGS = ('auto', 'xla', 'cpu')
-
-
-def resolve(setting: str, backend: str | None = None) -> str:
-  """config.model.kernels -> 'xla' or 'cpu': 'auto' is 'cpu' on a CPU backend, else 'xla'."""
-  if setting not in KERNEL_SETTINGS:
-    raise ValueError(f"kernels must be one of {', '.join(KERNEL_SETTINGS)}, not {setting!r}")
-  if setting == 'auto':
-    return 'cpu' if (backend or jax.default_backend()) == 'cpu' else 'xla'
-  return setting
-
-
-def select(setting: str, backend: str | None = None) -> layers.Kernels:
-  """The kernel set of a config.model.kernels setting (see `resolve`)."""
-  return CPU if resolve(setting, backend) == 'cpu' else layers.XLA
