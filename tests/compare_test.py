@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 import numpy as np
 
 from configs import default
@@ -89,3 +90,26 @@ def test_bad_noise_list_is_one_clear_error(tmp_path):
       timeout=300)
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr
   assert '--label-noise' in proc.stderr.strip().splitlines()[-1]
+
+
+def test_ablation_arms_switch_one_part_off_and_share_the_start():
+  config = default.get_config('tiny')
+  reference = compare.arm_config(config, 'dmue', 0.3)
+  for arm, fields in compare.ABLATIONS.items():
+    cfg = compare.arm_config(config, arm, 0.3)
+    assert cfg.dmue.enabled and cfg.input.label_noise == 0.3
+    changed = {k for k in cfg.dmue if cfg.dmue[k] != reference.dmue[k]}
+    assert changed == set(fields), arm
+  assert compare.fingerprint(compare.start_variables(
+      compare.arm_config(config, 'no_sp', 0.1), 'no_sp')) == compare.fingerprint(
+          compare.start_variables(config, 'dmue'))
+  with pytest.raises(compare.ConfigError, match='no_such'):
+    compare.compare(config, '/nonexistent', [0.1], ['no_such'])
+
+
+def test_table_lists_each_ablation_against_baseline_and_dmue():
+  row = {'label_noise': 0.3, 'baseline': {'eval_accuracy': 0.80},
+         'dmue': {'eval_accuracy': 0.78}, 'no_sp': {'eval_accuracy': 0.83}}
+  table = compare.format_table({'ablations': ['no_sp'], 'runs': [row]})
+  assert '| 0.3 | eval_accuracy | 0.8000 | 0.7800 | -0.0200 |' in table
+  assert '| 0.3 | no_sp | 0.8300 | +0.0300 | +0.0500 |' in table
