@@ -5,12 +5,9 @@ import subprocess
 import sys
 
 from absl import flags
-import cv2
 from ml_collections import config_flags
 import numpy as np
 import pytest
-
-import datasets_test
 
 from configs import affectnet
 from configs import affectnet7
@@ -19,7 +16,6 @@ from configs import ferplus
 from configs import folder
 from configs import rafdb
 from dmue_jax import config_lib
-from dmue_jax import datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASET_CONFIGS = {'rafdb': rafdb, 'affectnet': affectnet, 'affectnet7': affectnet7,
@@ -185,35 +181,6 @@ def test_synthfer_is_left_as_it_is():
 # ------------------------------------------------------------------ eval split
 
 
-def write_ferplus(root):
-  """One kept image per split; the grey value says which: 10 train, 40 public, 60 private."""
-  return datasets_test.make_ferplus(root, [
-      ('Training', 10, [10, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
-      ('Training', 20, [0, 9, 0, 0, 0, 0, 0, 0, 1, 0]),
-      ('PublicTest', 40, [0, 0, 8, 2, 0, 0, 0, 0, 0, 0]),
-      ('PrivateTest', 60, [0, 0, 0, 0, 0, 0, 0, 9, 1, 0])])
-
-
-def ferplus_input(data_dir, cache_dir, eval_split):
-  config = ferplus.get_config()
-  config.input.data_dir, config.input.cache_dir = data_dir, cache_dir
-  config.input.eval_split = eval_split
-  return config.input
-
-
-def test_ferplus_tests_on_private_test_and_validates_on_public_test(tmp_path):
-  data_dir, cache_dir = write_ferplus(tmp_path / 'fer'), str(tmp_path / 'cache')
-  test = datasets.load(ferplus_input(data_dir, cache_dir, 'test'))
-  assert test.eval_split == 'test' and len(test.test) == 1
-  assert test.test[0]['label'] == 7 and int(test.test[0]['image'].mean()) == 60
-  assert int(test.extra['validation'][0]['image'].mean()) == 40
-  validation = datasets.load(ferplus_input(data_dir, cache_dir, 'validation'))
-  assert validation.eval_split == 'validation'
-  assert validation.test[0]['label'] == 2 and int(validation.test[0]['image'].mean()) == 40
-  assert int(validation.extra['test'][0]['image'].mean()) == 60
-  np.testing.assert_array_equal(datasets.train_labels(validation), [0, 1])
-
-
 def test_eval_split_is_validated():
   config = ferplus.get_config()
   config.model.init_from = 'scratch'
@@ -228,26 +195,3 @@ def test_eval_split_is_validated():
     config.input.eval_split = 'validation'
     with pytest.raises(config_lib.ConfigError, match=f'{name} has no validation split'):
       config_lib.validate(config)
-
-
-def write_folder(root, splits):
-  for split in splits:
-    for value, name in ((10, 'happy'), (20, 'sad')):
-      path = os.path.join(root, split, name, f'{split}.png')
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      value += {'train': 0, 'test': 100, 'validation': 200}[split]
-      cv2.imwrite(path, np.full((8, 8, 3), value, np.uint8))
-  return str(root)
-
-
-def test_folder_validation_split(tmp_path):
-  cache_dir = str(tmp_path / 'cache')
-  plain = write_folder(tmp_path / 'plain', ('train', 'test'))
-  config = folder.get_config().input
-  config.data_dir, config.cache_dir, config.eval_split = plain, cache_dir, 'validation'
-  with pytest.raises(datasets.DatasetError, match='validation/<class_name>'):
-    datasets.load(config)
-  config.data_dir = write_folder(tmp_path / 'full', ('train', 'test', 'validation'))
-  splits = datasets.load(config)
-  assert [int(splits.test[i]['image'].mean()) for i in range(2)] == [210, 220]
-  assert [int(splits.extra['test'][i]['image'].mean()) for i in range(2)] == [110, 120]
