@@ -180,21 +180,32 @@ AFFECT_HEADER = ['subDirectory_filePath', 'face_x', 'face_y', 'face_width', 'fac
                  'facial_landmarks', 'expression', 'valence', 'arousal']
 
 
-def make_affectnet(root, train_rows, test_rows):
-  """Rows are (relative path, box, expression); each image is grey with a white face box."""
+def write_affectnet(root, train_rows, test_rows):
+  """AffectNet's two CSVs and images. Rows are (relative path, BGR image, box, landmark text,
+  expression)."""
   for csv_name, rows in (('training.csv', train_rows), ('validation.csv', test_rows)):
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, csv_name), 'w', newline='') as f:
       writer = csv.writer(f)
       writer.writerow(AFFECT_HEADER)
-      for rel_path, (x, y, w, h), expression in rows:
-        writer.writerow([rel_path, x, y, w, h, '1.0;2.0;3.0', expression, 0.1, -0.2])
-        image = np.full((40, 50, 3), 60, np.uint8)
-        image[max(y, 0):y + h, max(x, 0):x + w] = 255
+      for rel_path, image, (x, y, w, h), landmarks, expression in rows:
+        writer.writerow([rel_path, x, y, w, h, landmarks, expression, 0.1, -0.2])
         path = os.path.join(root, 'Manually_Annotated_Images', rel_path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         cv2.imwrite(path, image)
   return str(root)
+
+
+def make_affectnet(root, train_rows, test_rows):
+  """Rows are (relative path, box, expression); each image is grey with a white face box."""
+  def full(rows):
+    out = []
+    for rel_path, (x, y, w, h), expression in rows:
+      image = np.full((40, 50, 3), 60, np.uint8)
+      image[max(y, 0):y + h, max(x, 0):x + w] = 255
+      out.append((rel_path, image, (x, y, w, h), '1.0;2.0;3.0', expression))
+    return out
+  return write_affectnet(root, full(train_rows), full(test_rows))
 
 
 def test_affectnet_classes_crops_and_dropped_codes(tmp_path):

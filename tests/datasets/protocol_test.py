@@ -1,7 +1,6 @@
 """The reference's data protocol: AffectNet faces aligned from their CSV landmarks, the FERPlus
 and folder evaluation splits."""
 
-import csv
 import logging
 import os
 
@@ -16,16 +15,7 @@ from dmue_jax import config_lib
 from dmue_jax import datasets
 from dmue_jax.datasets import affectnet
 
-HEADER = ['subDirectory_filePath', 'face_x', 'face_y', 'face_width', 'face_height',
-          'facial_landmarks', 'expression', 'valence', 'arousal']
 BLOB_SIGMA = 2.5  # of each landmark's blob in the aligned 256 x 256 face, in pixels
-
-
-def input_config(**overrides):
-  cfg = config_lib.base_config().input
-  for key, value in overrides.items():
-    cfg[key] = value
-  return cfg
 
 
 def similarity(scale, degrees, shift):
@@ -73,17 +63,8 @@ def blob_centre(image, near, radius=8):
 
 def write_affectnet(root, train_rows, test_rows):
   """Rows are (relative path, RGB image, box, landmark text, expression)."""
-  for csv_name, rows in (('training.csv', train_rows), ('validation.csv', test_rows)):
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, csv_name), 'w', newline='') as f:
-      writer = csv.writer(f)
-      writer.writerow(HEADER)
-      for rel_path, image, (x, y, w, h), landmarks, expression in rows:
-        writer.writerow([rel_path, x, y, w, h, landmarks, expression, 0.1, -0.2])
-        path = os.path.join(root, 'Manually_Annotated_Images', rel_path)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        cv2.imwrite(path, np.ascontiguousarray(image[..., ::-1]))
-  return str(root)
+  bgr = lambda rows: [(p, np.ascontiguousarray(im[..., ::-1]), *rest) for p, im, *rest in rows]
+  return datasets_test.write_affectnet(root, bgr(train_rows), bgr(test_rows))
 
 
 def aligned_case(scale, degrees, shift, shape, seed=0):
@@ -129,7 +110,7 @@ def test_aligned_dataset_faces_have_the_landmarks_on_the_template(tmp_path):
   image, _, landmarks = aligned_case(0.5, 10.0, (-40.0, -90.0), (320, 300, 3))
   row = ('1/face.png', image, (0, 0, 10, 10), landmark_text(landmarks), 3)
   data_dir = write_affectnet(tmp_path / 'affectnet', [row], [row])
-  splits = datasets.load(input_config(dataset='affectnet', data_dir=data_dir))
+  splits = datasets.load(datasets_test.input_config(dataset='affectnet', data_dir=data_dir))
   face = splits.train[0]['image']
   assert face.shape == (256, 256, 3) and splits.train[0]['label'] == 3
   for want in affectnet.aligned_template():
@@ -150,14 +131,14 @@ def test_rows_without_usable_landmarks_are_dropped_and_counted(tmp_path, caplog)
           ('2/bad.png', image, (0, 0, 10, 10), 'x;y', 5)]
   data_dir = write_affectnet(tmp_path / 'affectnet', train, test)
   with caplog.at_level(logging.INFO):
-    splits = datasets.load(input_config(dataset='affectnet', data_dir=data_dir))
+    splits = datasets.load(datasets_test.input_config(dataset='affectnet', data_dir=data_dir))
   np.testing.assert_array_equal(datasets.train_labels(splits), [0, 2])
   assert len(splits.test) == 1 and splits.num_skipped == 0
   assert 'training.csv: 4 rows dropped without usable facial landmarks' in caplog.text
   assert 'validation.csv: 1 rows dropped without usable facial landmarks' in caplog.text
 
   # The box crops keep every row.
-  boxes = datasets.load(input_config(dataset='affectnet', data_dir=data_dir,
+  boxes = datasets.load(datasets_test.input_config(dataset='affectnet', data_dir=data_dir,
                                      affectnet_align='box'))
   np.testing.assert_array_equal(datasets.train_labels(boxes), [0, 1, 1, 1, 1, 2])
 
@@ -171,9 +152,9 @@ def test_box_switch_reproduces_the_box_crop(tmp_path):
   row = ('1/a.png', image, box, landmark_text(landmarks), 6)
   data_dir = write_affectnet(tmp_path / 'affectnet', [row], [row])
   cache_dir = str(tmp_path / 'cache')
-  boxes = datasets.load(input_config(dataset='affectnet', data_dir=data_dir,
+  boxes = datasets.load(datasets_test.input_config(dataset='affectnet', data_dir=data_dir,
                                      cache_dir=cache_dir, affectnet_align='box'))
-  aligned = datasets.load(input_config(dataset='affectnet', data_dir=data_dir,
+  aligned = datasets.load(datasets_test.input_config(dataset='affectnet', data_dir=data_dir,
                                        cache_dir=cache_dir))
   want = affectnet.crop_face(image, box)
   got = boxes.train[0]['image'].astype(np.int64)
