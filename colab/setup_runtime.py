@@ -6,12 +6,9 @@ Every notebook's first cell finds the repository, puts this folder on `sys.path`
 
 On Colab, `setup` installs JAX for the runtime's accelerator (`jax[tpu]` on a TPU, `jax[cuda12]`
 on a GPU, plain `jax` otherwise) within the range that requirements.txt allows, then the rest of
-requirements.txt with a pip constraints file that pins the jax and jaxlib just installed: without
-it a later requirement could upgrade jax to a version whose accelerator plugin is missing, and
-JAX would silently run on the CPU. It then imports jax, prints the backend and devices, and warns
-if an accelerator was found but JAX runs on the CPU. Outside Colab it installs nothing.
-
-Under DMUE_SMOKE=1 (the test suite) it installs nothing and forces the CPU backend.
+requirements.txt with that jax and jaxlib pinned (`install` says why). It then imports jax, prints
+the backend and devices, and warns if an accelerator was found but JAX runs on the CPU. Outside
+Colab it installs nothing; under DMUE_SMOKE=1 (the test suite) neither, and it forces the CPU.
 
 The logic is in small functions that take their inputs as arguments (the environment, the probes
 and the command runner are injectable), so tests/colab_setup_test.py checks it without
@@ -128,7 +125,10 @@ def install(root: str, accelerator: str, *, python: str = sys.executable,
   """Installs JAX for `accelerator`, then requirements.txt around it; returns the pins.
 
   The runtime's preinstalled JAX stays if it is in range (pip then only adds the accelerator's
-  plugin); otherwise pip installs the newest version in range.
+  plugin); otherwise pip installs the newest version in range. requirements.txt is installed
+  with a pip constraints file that pins the jax and jaxlib just installed: without it a later
+  requirement could upgrade jax to a version whose accelerator plugin is missing, and JAX would
+  silently run on the CPU.
   """
   requirements = os.path.join(root, 'requirements.txt')
   pip_install([jax_pip_spec(accelerator, read_jax_specifier(requirements))],

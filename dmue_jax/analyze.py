@@ -3,50 +3,15 @@ face looks like.
 
   python -m dmue_jax.analyze --workdir runs/demo [--step N]
 
-Also run by the training commands after training (config.analyze_at_end). Uses
-the latest checkpoint (default) and writes, on process 0:
-
-  <workdir>/ambiguity/samples.csv         one row per training sample, most suspicious first
-  <workdir>/ambiguity/most_uncertain.png  the most suspicious faces with their mined distribution
-  <workdir>/ambiguity/score_histogram.png uncertainty scores, clean vs label-noise flipped
-  <workdir>/results.json                  the metrics below are added to what is there
-
-Per sample: the annotated label (the one trained on, i.e. after label noise), the uncertainty
-score s_i, the mined latent distribution d_i (the auxiliary branch blind to the label, sharpened
-with T, 0 at the label), the target head's softmax on the inference path, and where the dataset
-knows them the true distribution, its argmax and whether the label noise flipped the label.
-
-The score depends on the batch it is computed in (pairwise similarities, training-mode
-BatchNorm), so it is computed as training computes it: the training forward (BatchNorm over the
-batch, no dropout, running statistics discarded) on class-balanced batches of k =
-config.input.batch_per_class per class, grouped [C, k] by annotated label, eval transform. Batch
-b holds, in row c, samples b*k .. b*k+k-1 of class c (dataset order); a class with fewer samples
-than the largest wraps around, and each sample keeps the score of its first appearance. d_i is
-batch-dependent for the same reason; the target head's softmax is not.
-
-Metrics (keys added to results.json):
-  analysis_step, num_train_samples, mean_score     always (mean_score: DMUE runs)
-  flipped_label_auroc                              when label noise flipped some labels: how
-                                                   well a low score flags them
-  With a true label distribution (splits.has_distribution):
-  latent_kl_to_truth, baseline_kl_to_truth, kl_num_samples
-      mean KL(truth || d) and KL(truth || softmax(target)), both over the classes other than
-      the annotated one (see `kl_to_truth`), over the kl_num_samples samples whose truth puts
-      mass off the annotated class (for the others there is nothing to compare with).
-  noisy_label_auroc, num_mislabeled, mean_score_clean, mean_score_noisy
-      "noisy" = annotation != argmax of the true distribution (annotator draws and label noise
-      alike); the AUROC is how well a LOW score flags them.
-  label_prob_auroc
-      the same with the target head's probability of the annotated label in place of the score:
-      what a plain classifier's confidence already tells.
-  label_similarity_auroc (DMUE runs)
-      the same with the PUE MLP's most telling input in place of the score: the sample's
-      min-max scaled mean cosine similarity to its annotated class in its batch, m[i, y_i].
-      Well below the score's AUROC, the MLP is not reading its input; close to it, the
-      features are what limits the score.
-A plain cross-entropy run (config.dmue.enabled False) has no score and no latent distribution:
-its rows are sorted by the probability of the annotated label and only the metrics that need
-neither are written.
+Also run by the training commands after training (config.analyze_at_end), on the latest
+checkpoint by default. On process 0 it writes <workdir>/ambiguity/samples.csv (one row per
+training sample, most suspicious first), most_uncertain.png (the most suspicious faces with their
+distributions) and score_histogram.png, and adds its metrics to <workdir>/results.json.
+The PUE score and the mined distribution depend on the batch they are computed in (pairwise
+similarities, training-mode BatchNorm), so they are computed as training computes them: the
+training forward on class-balanced batches grouped [C, k] by annotated label (`score_plan`,
+`sample_outputs`). Labels are ranked by `suspicion`, from the target head's probabilities, not by
+the score. The CSV columns and the metrics: docs/ambiguity.md, "What the report writes".
 """
 
 from __future__ import annotations
@@ -377,8 +342,8 @@ def cleanlab_flags(table: SampleTable) -> np.ndarray:
 
 
 def summarize(table: SampleTable) -> dict[str, Any]:
-  """The metrics of the module docstring (NaN-free: a metric that cannot be computed is left
-  out)."""
+  """The metrics listed in docs/ambiguity.md, "What the report writes" (NaN-free: a metric that
+  cannot be computed is left out)."""
   out: dict[str, Any] = {'num_train_samples': int(table.labels.shape[0])}
   flagged = flag_label_issues(table)
   out['num_flagged'] = int(flagged.sum())
@@ -608,7 +573,7 @@ def analyze(workdir: str, *, config=None, state=None, data: train.RunData | None
     step: the checkpoint to restore when `state` is None.
     dynamics: the run's `train.Dynamics`; None = those saved with that checkpoint (if any).
   Returns:
-    The metrics added to results.json (see the module docstring).
+    The metrics added to results.json (`summarize`, listed in docs/ambiguity.md).
   """
   if state is None:
     saved_config, variables, step = restore_latest(workdir, step)

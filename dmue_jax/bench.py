@@ -4,48 +4,15 @@ r"""Throughput and FLOP benchmark: the DMUE train step against the plain backbon
   python -m dmue_jax.bench --config configs/rafdb.py --image-size 112 --json   # last line JSON
   python -m dmue_jax.bench --config configs/affectnet.py --suite accelerator --json  # GPU/TPU
 
-Everything runs on synthetic in-memory batches with the config's model settings (backbone, stem,
-width, pooling, branch mode, kernels and dtype, 'auto' resolved for this backend), after
-compilation and one warm-up call, and reports the median of `--steps` timed calls (each ended by
-`block_until_ready`). Measurements that are compared with each other run interleaved, call by
-call, so that load from other processes on a shared machine hits both sides alike. What is
-measured:
-
-* the DMUE train step (`train.make_jitted_steps`, the training loop's own jitted step), and the
-  plain backbone (`resnet.PlainResNet`, same kernels and dtype) with cross-entropy and
-  `optax.adam` on the same batch;
-* inference of the exported model (`InferenceModel` on `inference_variables`) and of the plain
-  backbone, on the same B = C*k images, with at least 40 timed calls each: they are short, and
-  the two are the same network, so their ratio is timing noise that more calls narrow (with 15
-  calls it still ranged over 0.98-1.025 on a 2-core CPU);
-* the full train step with `branch_mode='vmap'` against `'loop'` (`--skip-vmap` skips this);
-* the input pipeline alone (`input_pipeline.measure_throughput`) on synthetic 100x100 uint8
-  faces with the config's augmentation;
-* FLOPs from XLA's cost analysis of the compiled programs: the DMUE step, the plain step, and
-  the *reference subset computation*: separately compiled pieces with exactly the shapes the
-  authors' PyTorch step computes on (trunk forward+backward on B; each auxiliary layer4 copy
-  forward+backward on its (C-1)k rows; the target layer4 forward+backward on B; each auxiliary
-  copy forward only on its k own-class rows, since the latent distribution is detached; the Adam
-  update). Heads, neck and losses are left out of it: with the step's bookkeeping they add
-  about 0.3 % for ResNet-18. On several devices XLA counts one device's share of a step.
-
-`--profile` also times those pieces one by one, which shows where the step's time goes. The
-JSON records the load average, XLA_FLAGS and the compiler options (`compiler.options()`),
-because they change CPU timings, and the achieved rate against the chips' peak (`peak_gflops`,
-`fraction_of_peak`; null on CPUs and unknown chips unless --peak-tflops gives one device's
-peak).
-
-`--suite accelerator` checks a GPU/TPU host in one command, for machines where device time is
-scarce. `--batch-per-class` (default 9: with configs/affectnet.py, the reference's batch of
-8 x 9 = 72 on one device) is then per device, and the image size defaults to 224 px:
-
-* full runs (all of the above) on all devices in float32 and in bfloat16, both branch modes;
-* weak scaling: for n = 1, 2, 4, ... local devices (and all of them), the DMUE step on a mesh
-  of the first n with k*n per class, so every device has the same work. Per dtype, branch mode
-  and n: images/s, images/s per device, scaling efficiency = rate(n) / (n * rate(1)) (1.0 is
-  perfect; the collectives cost the rest) and the fraction of the chips' peak;
-* the input pipeline's rate against the fastest step on all local devices
-  (`pipeline_to_step_ratio`; below 1 the host's pipeline, not the step, bounds training).
+Synthetic in-memory batches with the config's model settings; each figure is the median of
+`--steps` calls after compilation and a warm-up, each ended by `block_until_ready`. It times the
+training loop's jitted DMUE step against a plain backbone step, inference of the exported model
+against the plain backbone, vmap against loop branches and the input pipeline, and counts XLA's
+FLOPs, also of the part of the step the authors' PyTorch code computes. Compared figures run
+interleaved, call by call, so that load from other processes hits both sides alike; inference
+gets at least 40 calls a side, since its two sides are one network and their ratio is timing
+noise that more calls narrow. `--suite accelerator` checks a GPU/TPU host in one command. What
+each figure and JSON key means: docs/performance.md, "The benchmark command".
 """
 
 from __future__ import annotations
@@ -453,8 +420,9 @@ def run(config, *, image_size=None, batch_per_class=None, steps: int = 3,
         pipeline_steps: int = 10, skip_vmap: bool = False, dtype=None,
         profile: bool = False, fast_compile: bool = False,
         peak: float | None = None) -> dict:
-  """Runs every measurement on all devices; returns the results dict (see the module
-  docstring). pipeline_steps=0 leaves the input pipeline out (null)."""
+  """Runs every measurement on all devices; returns the results dict (its keys are described
+  in docs/performance.md, "The benchmark command"). pipeline_steps=0 leaves the input pipeline
+  out (null)."""
   if steps < 1:
     raise config_lib.ConfigError(f'--steps={steps} must be at least 1.')
   load_start = os.getloadavg()[0]
@@ -686,7 +654,7 @@ def pipeline_vs_step(pipeline_rate: float | None, scaling: Sequence[dict], devic
 def run_accelerator_suite(config, *, image_size=None, batch_per_class=None, steps: int = 3,
                           pipeline_steps: int = 10, fast_compile: bool = False,
                           peak: float | None = None, **kwargs) -> dict:
-  """The GPU/TPU check (module docstring): full runs in float32 and bfloat16 with both branch
+  """The GPU/TPU check (docs/performance.md): full runs in float32 and bfloat16 with both branch
   modes on all devices, weak scaling over the local devices, the pipeline against the step.
 
   batch_per_class is per device (default 9), image_size defaults to 224. Returns {'float32':

@@ -1,34 +1,18 @@
 """Official PyTorch DMUE weights -> Flax variables, and back.
 
-Four checkpoint layouts are understood (all read with `torch.load(weights_only=True)`, so a
-file can never run code):
-  (a) 'multibranch'  a snapshot of the reference training model (`model.state_dict()`, with or
-                     without DataParallel's 'module.' prefix): base.conv1.weight, ...,
-                     base.layer4_<i>.* (i = 0..C), classifiers.<i>.weight, bottleneck.*,
-                     project_w.{0,1,2}.*;
-  (b) 'target'       the reference's convert_weights.py output: base.* with one base.layer4.*,
-                     classifiers.0.weight [C, D], bottleneck.*;
-  (c) 'msceleb'      the MS-Celeb-1M pretraining snapshot: {'state_dict': feat_net.* +
-                     loss_layer.*, 'epoch', ...};
-  (d) 'torchvision'  a torchvision-style ImageNet ResNet: conv1.weight, ..., layer4.*, fc.*.
-Everything the checkpoint lacks for the training model (aux heads and PUE for (b); neck, heads
-and PUE for (c), (d)) takes the values `DMUEModel.init` gives with `jax.random.key(seed)`, i.e.
-those of `train.init_variables(config, key(seed))`; a single layer4 goes into every branch, as
-the reference's `load_param` does. Every key of the checkpoint is either used or on a fixed
-ignore list (num_batches_tracked; loss_layer.* and fc* of (c); fc.* of (d)); anything missing,
-unexpected or mis-shaped raises `CheckpointError` naming the keys and shapes.
-
-Name and layout mapping (Flax <- PyTorch): conv kernel HWIO <- OIHW; Dense kernel [in, out] <-
-Linear weight [out, in]; BatchNorm scale/bias (params) and mean/var (batch_stats) <- weight/bias
-and running_mean/running_var; `layer1_0/downsample_conv` <- `layer1.0.downsample.0`; IBN
-`bn1/IN`, `bn1/BN` <- `bn1.IN`, `bn1.BN`; branch b of the stacked `branches` <- `layer4_<b>`;
-`aux_heads` kernel [C, D, C-1] <- classifiers.0..C-1; `head` <- classifiers.C; `neck/bn` <-
-bottleneck; `pue` fc1, alpha, fc2 <- project_w.0, project_w.1 (PReLU weight [1]), project_w.2.
-
-API: `load_official_checkpoint(path, config)` -> training variables; `load_official_inference(
-path, config)` -> inference variables; `convert_state_dict(obj, config)` for an object already
-loaded; `to_torch_state_dict(variables, config)` -> layout (a), the inverse. torch is optional:
-it is imported only when a checkpoint is read or tensors are asked for.
+Four checkpoint layouts are read, all with `torch.load(weights_only=True)`, so a file can never
+run code: (a) 'multibranch', a snapshot of the reference training model (base.layer4_<i>.*,
+classifiers.<i>.weight, bottleneck.*, project_w.*; with or without DataParallel's 'module.');
+(b) 'target', the reference's convert_weights.py output (one base.layer4.*, classifiers.0.weight
+[C, D], bottleneck.*); (c) 'msceleb', the MS-Celeb-1M pretraining snapshot ({'state_dict':
+feat_net.* + loss_layer.*, 'epoch', ...}); (d) 'torchvision', an ImageNet ResNet (conv1.weight,
+..., layer4.*, fc.*). What a layout lacks takes the values `DMUEModel.init` gives for the seed,
+and a single layer4 goes into every branch, as the reference's `load_param` does. Every key of
+the checkpoint is used or on a fixed ignore list; anything missing, unexpected or mis-shaped
+raises `CheckpointError` naming the keys and shapes. Which key goes where: docs/design.md,
+"Converting the official weights". API: `load_official_checkpoint`, `load_official_inference`,
+`convert_state_dict` (an object already loaded), `to_torch_state_dict` (the inverse, layout (a)).
+torch is optional: it is imported only when a checkpoint is read or tensors are asked for.
 """
 
 from __future__ import annotations
@@ -481,9 +465,10 @@ def _warn_stem(fmt, config, source):
 def load_official_checkpoint(path: str, config, *, seed: int | None = None) -> Variables:
   """Official PyTorch weights at `path` -> DMUE training variables {'params', 'batch_stats'}.
 
-  Accepts layouts (a)-(d) of the module docstring; see there for what is copied and what is
-  freshly initialised (seed None = config.seed). Raises CheckpointError (naming the path) when
-  the file cannot be read or does not fit config.model.
+  Accepts layouts (a)-(d) of the module docstring; what is copied and what is freshly
+  initialised (seed None = config.seed): docs/design.md, "Converting the official weights".
+  Raises CheckpointError (naming the path) when the file cannot be read or does not fit
+  config.model.
   """
   variables = convert_state_dict(_read(path), config, seed=seed, source=str(path))
   return jax.tree.map(jnp.asarray, variables)

@@ -5,17 +5,12 @@ Three places hold a model, and `load` reads any of them:
 * a workdir: its best checkpoint (`checkpoints.best_step`: the highest eval accuracy, else the
   latest step), i.e. <workdir>/checkpoints/<step>;
 * one checkpoint step folder, <workdir>/checkpoints/<step> (or a copy of one elsewhere);
-* an export written by `save_export` (`python -m dmue_jax.export`).
+* an export written by `save_export` (`python -m dmue_jax.export`; its layout is there).
 
 Training checkpoints hold the whole TrainState (every auxiliary branch, the PUE MLP, the
 optimiser's moments). An export holds only the inference variables, the target path that
-`models.dmue.InferenceModel` runs (trunk, target layer4, neck, head and their batch statistics),
-so it is about the size of the plain backbone. Layout of an export directory:
-
-  <out>/variables   orbax StandardSave of {'params', 'batch_stats'} in the inference layout
-  <out>/meta        JSON: format, version, class_names, num_classes, dmue, step, config (JSON)
-
-Either way the run's config comes from the checkpoint's meta, so inference needs no --config.
+`models.dmue.InferenceModel` runs, so it is about the size of the plain backbone. Either way the
+run's config comes from the checkpoint's meta, so inference needs no --config.
 """
 
 from __future__ import annotations
@@ -236,7 +231,14 @@ def _quiet_orbax():
 
 # ------------------------------------------------------------------------------------ export
 def save_export(loaded: LoadedModel, out: str, *, overwrite: bool = False) -> None:
-  """Writes `loaded` as a slim inference checkpoint at `out` (a new folder)."""
+  """Writes `loaded` as a slim inference checkpoint at `out` (a new folder).
+
+  Layout of an export directory:
+    <out>/variables   orbax StandardSave of {'params', 'batch_stats'} in the inference layout
+                      (trunk, target layer4, neck, head and their batch statistics)
+    <out>/meta        JSON: format, version, class_names, num_classes, dmue, step, source,
+                      config (JSON)
+  """
   out = os.path.abspath(out)
   if os.path.exists(out) and not overwrite:
     raise CheckpointError(f'{out} already exists; choose another --out or pass --overwrite.')

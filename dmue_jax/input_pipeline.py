@@ -5,31 +5,14 @@ A *source* is anything random-access with `len(source)` and `source[i] -> {'imag
 pipeline knows nothing of models; it turns a source into NumPy batches with static shapes.
 
 Training batches (`TrainBatches`) are grouped by class, `image: float32[C, k, S, S, 3]`, because
-the DMUE losses need fixed per-class subsets (the reference's boolean masks as static slices). Sampling differs from
-the reference on purpose:
-
-* Reference (`datasets/sampler.py`): i.i.d. draws *with replacement*, probability proportional to
-  1 / (class count), batches of 72 with a random class mix; the training loop skips any batch in
-  which a class has fewer than 2 samples.
-* Here: every batch holds *exactly* k samples of each class, so no batch is ever skipped and all
-  classes are equally represented, as they are in expectation in the reference. Each class is
-  walked through a fresh random permutation per pass (without replacement within a pass, so every
-  sample is seen once before any repeats); a class with fewer than k samples simply wraps into
-  its next pass within the batch. A class with no sample is an error.
-* The batch at step s is a pure function of (seed, s), and so is every random choice of the
-  augmentation (keyed by seed, step, class row and global column). A resumed run therefore sees
-  exactly the batches it would have seen, and N processes each building their own columns of the
-  k axis together hold exactly the one-process batch.
-
-Augmentation (README quirk Q5), matching the reference's data path: the reference stores images already
-resized to 256x256 with `cv2.INTER_CUBIC` (`preprocess/make_lmdb.py`); its dataset adds Gaussian
-noise to that stored image with p=0.25 (`datasets/bases.py`: noise N(0, 30) in variance, clipped
-to [0, 255], cast to uint8, i.e. truncated); torchvision then applies RandomCrop 224, horizontal
-flip p=0.5, ToTensor + Normalize(0.5, 0.5) and `RandomErasing(scale=(0.02, 0.25))` (p=0.5, aspect
-ratio log-uniform in (0.3, 3.3), value 0, 10 tries). Evaluation: resize, centre crop, normalise.
-Note that the noise therefore lands on the *resized* image, not on the source image (README quirk Q5
-words it as "before everything"): on RAF-DB's 100x100 faces noise added before an upsampling to
-256 would be smoothed away.
+the DMUE losses need fixed per-class subsets (the reference's boolean masks as static slices).
+Unlike the reference's i.i.d. draws with replacement, every batch holds exactly k samples of each
+class, each class walked through a fresh random permutation per pass, so no batch is skipped.
+Batch s, and every random choice of its augmentation, is a pure function of (seed, s): a resumed
+run sees exactly the batches it would have seen, and N processes each building their own columns
+of the k axis together hold exactly the one-process batch. The augmentation is the reference's
+(README quirk Q5, `train_transform`); evaluation resizes, centre-crops and normalises. The
+sampling against the reference's, in full: docs/design.md, "Batches".
 """
 
 from __future__ import annotations
@@ -172,7 +155,17 @@ def erase_box(rng: np.random.Generator, height: int,
 
 def train_transform(image: np.ndarray, rng: np.random.Generator, *, image_size: int,
                     resize_size: int) -> np.ndarray:
-  """The reference training augmentation (README quirk Q5), see the module docstring.
+  """The reference training augmentation (README quirk Q5), matching the reference's data path.
+
+  The reference stores images already resized to 256x256 with `cv2.INTER_CUBIC`
+  (`preprocess/make_lmdb.py`); its dataset adds Gaussian noise to that stored image with p=0.25
+  (`datasets/bases.py`: noise N(0, 30) in variance, clipped to [0, 255], cast to uint8, i.e.
+  truncated); torchvision then applies RandomCrop 224, horizontal flip p=0.5, ToTensor +
+  Normalize(0.5, 0.5) and `RandomErasing(scale=(0.02, 0.25))` (p=0.5, aspect ratio log-uniform
+  in (0.3, 3.3), value 0, 10 tries). Here resize_size and image_size stand for 256 and 224. The
+  noise therefore lands on the *resized* image, not on the source image (README quirk Q5 words
+  it as "before everything"): on RAF-DB's 100x100 faces noise added before an upsampling to 256
+  would be smoothed away. Evaluation (`eval_transform`): resize, centre crop, normalise.
 
   Args:
     image: uint8[H, W, 3], any H, W.

@@ -5,21 +5,14 @@ r"""Finds the faces in photos and classifies their expressions with a trained mo
   python -m dmue_jax.predict --workdir runs/demo --no-detect face_crop.png
   python -m dmue_jax.predict --workdir runs/demo --save-annotated annotated/ *.jpg
 
-The model is the inference path (trunk + target branch + neck + head) of the workdir's best
-checkpoint, or of --checkpoint: an export (python -m dmue_jax.export), a checkpoint step folder
-(<workdir>/checkpoints/<step>) or, with --workdir, a step number. Faces are found with OpenCV's
-frontal-face Haar cascade on a copy no longer than --detect-max-side pixels, cropped from the
-full image with --margin of the box size added on each side, and put through the run's
-evaluation transform. --no-detect classifies each whole image instead (an already cropped face).
-
-Output: per image, each face's box [x, y, w, h] in image pixels, a probability per class and
-the most probable class; with --json, one JSON list on stdout:
-  [{"image": path, "faces": [{"box": [x, y, w, h], "probabilities": {name: p, ...},
-                              "label": name}, ...]}, ...]
-An image that cannot be read is reported on stderr (and in the JSON as {"image": path,
-"error": message}) and the others are still processed. Exit status: 0 when every image was read
-(an image without a face is a result, not an error), 1 when some image could not be read or the
-model cannot be loaded, 2 for wrong flags.
+The model is the inference path of the workdir's best checkpoint, or of --checkpoint: an export
+(python -m dmue_jax.export), a checkpoint step folder or, with --workdir, a step number. Faces are
+found with OpenCV's frontal-face Haar cascade on a copy no longer than --detect-max-side pixels,
+cropped from the full image with --margin of the box size added on each side, and put through the
+run's evaluation transform; --no-detect classifies each whole image instead. --json prints one
+JSON list, an entry per image (the format: `predict_files`). Exit status: 0 when every image was
+read (an image without a face is a result, not an error), 1 when some image could not be read or
+the model cannot be loaded, 2 for wrong flags.
 """
 
 from __future__ import annotations
@@ -223,6 +216,12 @@ def predict_files(paths: list[str], classifier: inference.Classifier,
 
   annotated: a path per image for the annotated copy, or None. on_result: called with each
   result as soon as it is ready (streams the text output).
+
+  Returns one result per path, in order; `--json` prints this list:
+    [{"image": path, "faces": [{"box": [x, y, w, h], "probabilities": {name: p, ...},
+                                "label": name}, ...]}, ...]
+  with each box in image pixels and "label" the most probable class; an image that cannot be
+  read gives {"image": path, "error": message} (the command also reports it on stderr).
   """
   results = []
   for i, path in enumerate(paths):

@@ -6,17 +6,13 @@
     splits.test                 # the split config.input.eval_split names
     labels = datasets.train_labels(splits)   # int64 [N], without decoding any image
 
-`config.input.dataset` picks one of: 'synthfer' (generated here, nothing to download),
-'rafdb', 'affectnet' (8 classes), 'affectnet7' (contempt dropped), 'ferplus' (majority
-protocol) and 'folder' (<data_dir>/<split>/<class>/*.jpg). Every dataset has a train and a
-test split; FERPlus and a folder with validation/ also have a validation split, which
-`config.input.eval_split='validation'` evaluates instead of the test split (model selection
-without touching the test set). The licensed datasets are read
-from `config.input.data_dir` as their authors ship them; the first load turns them into a
-TFDS dataset (array_record files) under `config.input.cache_dir` (empty = <data_dir>/tfds;
-for SynthFER a per-user cache, ~/.cache/dmue_jax/tfds), and later loads only open those
-files: delete <cache_dir>/<dataset> to prepare again after changing the data dir's files.
-No TensorFlow needed.
+`config.input.dataset` picks 'synthfer' (generated here), 'rafdb', 'affectnet', 'affectnet7',
+'ferplus' or 'folder'; each module says where its files come from and how they are laid out.
+Every dataset has a train and a test split; FERPlus and a folder with validation/ also have a
+validation split (`config.input.eval_split='validation'`). The first load turns the files in
+`config.input.data_dir` into TFDS array_record files under `config.input.cache_dir` (empty =
+<data_dir>/tfds; SynthFER: a per-user cache) and later loads only open them, so delete
+<cache_dir>/<dataset> to prepare again after changing the data. More: docs/design.md, "Datasets".
 """
 
 from __future__ import annotations

@@ -7,23 +7,12 @@ Expected layout of the manual dir (`config.input.data_dir`):
                                       expression, valence, arousal
     Manually_Annotated_Images/<subDirectory_filePath>
 
-Expression 0..7 = Neutral, Happy, Sad, Surprise, Fear, Disgust, Anger, Contempt; 8..10
-(None, Uncertain, No-Face) are dropped, and so is 7 in the '7class' config. Faces are stored
-as 256x256 JPEG (quality 95), the size the reference resizes to, made in one of two ways
-(`config.input.affectnet_align`):
-
-* 'landmarks' (default), as the reference prepares its faces: five points taken from the
-  CSV's 68 landmarks (the eye centres, the nose tip, the mouth corners) are mapped by a
-  least-squares similarity onto the reference's template, the face square is enlarged by
-  256/224 and the image is warped into it (bicubic). The reference finds its landmarks and
-  the face square with detectors (MTCNN and a 98-point landmark net); here the CSV's
-  landmarks stand in for the first, a fixed square around the template for the second.
-  Rows whose landmarks are missing or malformed are dropped and counted, as the reference
-  drops the faces its detector misses.
-* 'box': the CSV face box, clipped to the image, resized (no margin, no alignment).
-
-Splits: train from training.csv, test from validation.csv (the published validation set,
-500 per class, is the test set of every paper).
+Expression 0..7 = Neutral, Happy, Sad, Surprise, Fear, Disgust, Anger, Contempt; 8..10 (None,
+Uncertain, No-Face) are dropped, and so is 7 in the 7-class configs. Train is training.csv, test
+validation.csv (the published validation set, 500 per class, is every paper's test set). Faces
+are stored as 256x256 JPEG (quality 95) by `config.input.affectnet_align`: 'landmarks' (default)
+aligns them from five of the CSV's 68 landmarks as the reference does (docs/design.md, Datasets;
+rows without usable landmarks are dropped and counted), 'box' resizes the CSV face box.
 """
 
 from __future__ import annotations

@@ -8,17 +8,11 @@ i does not depend on how many samples are made. Its draws come in a fixed order 
 (expression, annotation, look, finish), so the labels can be had without rendering, and a
 change to one stage does not reshuffle the others.
 
-Expression: a primary class, uniform over the 7 classes; with probability BLEND_PROB a
-second class is mixed in with weight w ~ U(BLEND_WEIGHT). The true distribution is the
-mixing weights (one-hot when not blended) and `true_label` is the primary class. The face
-parameters are the distribution-weighted mix of the class prototypes, scaled from neutral by
-an intensity ~ U(INTENSITY), plus per-person jitter. Train labels are drawn from the true
-distribution (a blended sample gets its second class with probability w); test labels are
-the true label.
-
-Drawing: in face units (the face centre is (0, 0), y points down) on a canvas twice the
-output size with sub-pixel coordinates, reduced for anti-aliasing; then pose, background,
-lighting, blur and sensor noise at the output size.
+Expression: a primary class, uniform over the 7 classes, with a second class blended in with
+probability BLEND_PROB; train labels are drawn from the true distribution, test labels are the
+true label (`_sample_expression`). Drawing: in face units on a canvas twice the output size,
+reduced for anti-aliasing; then pose, background, lighting, blur and sensor noise at the
+output size (`_draw_face`, `_finish`).
 """
 
 from __future__ import annotations
@@ -92,7 +86,15 @@ def _scale(u, lo, hi):
 
 
 def _sample_expression(rng: np.random.Generator, split: str) -> tuple[Labels, np.ndarray]:
-  """Labels and face parameters; always the same number of draws."""
+  """Labels and face parameters; always the same number of draws.
+
+  A primary class, uniform over the 7 classes; with probability BLEND_PROB a second class is
+  mixed in with weight w ~ U(BLEND_WEIGHT). The true distribution is the mixing weights (one-hot
+  when not blended) and `true_label` is the primary class. The face parameters are the
+  distribution-weighted mix of the class prototypes, scaled from neutral by an intensity
+  ~ U(INTENSITY), plus per-person jitter. Train labels are drawn from the true distribution (a
+  blended sample gets its second class with probability w); test labels are the true label.
+  """
   u = rng.random(6)
   jitter = rng.standard_normal(len(PARAMS))
   primary = int(u[0] * NUM_CLASSES)
@@ -461,7 +463,11 @@ def _draw_mouth(img, lk: Look, p: dict, mouth_y: float) -> None:
 
 
 def _draw_face(params: np.ndarray, lk: Look) -> np.ndarray:
-  """[224, 224, 4] uint8 RGBA canvas with the head on a transparent background."""
+  """[224, 224, 4] uint8 RGBA canvas with the head on a transparent background.
+
+  Drawn in face units (the face centre is (0, 0), y points down) on a canvas twice the output
+  size with sub-pixel coordinates; `_finish` reduces it for anti-aliasing.
+  """
   p = dict(zip(PARAMS, params.tolist()))
   canvas = np.zeros((_CANVAS, _CANVAS, 4), np.uint8)
   mouth_y = _nose_tip_y(lk, p) + lk.mouth_gap

@@ -7,13 +7,12 @@ Expected layout of the manual dir (`config.input.data_dir`):
                       neutral, happiness, surprise, sadness, anger, disgust, fear, contempt,
                       unknown, NF
 
-Majority protocol (as in the FER+ authors' code): a class with a single vote gets 0 (an
-outlier); an image is kept only when its top class has more than half of the remaining
-votes and is one of the 8 emotions (not unknown / NF). Its 'distribution' is the remaining
-votes over the 8 emotions, normalised: a real crowd label distribution. Splits follow the
-FER+ convention: Training -> train, PublicTest -> validation, PrivateTest -> test
-(`config.input.eval_split='validation'` evaluates on PublicTest). Images are stored as
-48x48x3 PNG (the grey value in all three channels).
+Majority protocol (as in the FER+ authors' code): a class with a single vote gets 0 (an outlier);
+an image is kept only when its top class has more than half of the remaining votes and is one of
+the 8 emotions (not unknown / NF). Its 'distribution' is the remaining votes over the 8 emotions,
+normalised: a real crowd label distribution. Splits follow the FER+ convention: Training -> train,
+PublicTest -> validation, PrivateTest -> test (`config.input.eval_split='validation'` evaluates on
+PublicTest). Images are stored as 48x48x3 PNG (the grey value in all three channels).
 """
 
 from __future__ import annotations

@@ -11,11 +11,8 @@ The class names are the sorted folder names of train/ (at least 2; the label id 
 position in that list); test/ and validation/ may lack a class but may not add one. Hidden
 files, other extensions and nested folders are ignored. Images are stored as they are (a
 plain RGB JPEG byte for byte, anything else as RGB PNG), at their own size: the pipeline
-resizes them.
-
-The prepared dataset is keyed by the manual dir's absolute path, its class list and whether
-it has validation/, so two folder datasets can share one cache dir, and adding a class or a
-validation/ folder makes a new one.
+resizes them. The prepared dataset is keyed by the manual dir's path, its class list and
+whether it has validation/ (`config_for`).
 """
 
 from __future__ import annotations
@@ -84,7 +81,12 @@ class FolderConfig(tfds.core.BuilderConfig):
 
 def config_for(manual_dir: str, class_names: list[str],
                splits: tuple[str, ...] = SPLITS) -> FolderConfig:
-  """A config named after the folder, with a hash of its path, classes and optional splits."""
+  """A config named after the folder, with a hash of its path, classes and optional splits.
+
+  The prepared dataset is keyed by it: the manual dir's absolute path, its class list and
+  whether it has validation/. So two folder datasets can share one cache dir, and adding a class
+  or a validation/ folder makes a new one.
+  """
   path = os.path.abspath(manual_dir)
   # Without validation/ the key is what it was before that split existed: caches stay valid.
   extra = [f'split:{s}' for s in splits if s not in SPLITS]

@@ -4,23 +4,14 @@ Nothing to download: it is generated in seconds, deterministically from
 `config.input.synthfer_seed`, with `synthfer_num_train` / `synthfer_num_test` samples
 (default 2800 / 700). It exists so that the whole method can be run and checked without a
 licensed dataset, and it has what DMUE is about: some faces are genuinely ambiguous, and
-their annotated label is a draw from a known true label distribution.
-
-* 7 classes in RAF-DB order: Surprise, Fear, Disgust, Happiness, Sadness, Anger, Neutral,
-  rendered from facial action parameters (brow raise and tilt, eye opening, cheek raise, nose
-  wrinkle, mouth curve, opening and width, upper-lip raise) at varying intensity.
-* 30 % of the faces blend two expressions with weight w ~ U(0.2, 0.5) on the second one.
-  'distribution' is the true label distribution (the mixing weights), 'true_label' its
-  argmax; the train 'label' is drawn from 'distribution' (annotator subjectivity: ~10 % of
-  the train labels differ from the true label, all on blended faces), the test 'label' is the
-  true label. Symmetric label noise is not applied here: the input pipeline does that.
-* Nuisance: face shape, skin tone, hair, eye colour, pose (rotation, yaw, scale, shift),
-  lighting, background, blur and sensor noise.
-* Images 112x112x3 uint8, stored as JPEG (quality 95).
-
-The generator itself is `facegen.py`. The prepared dataset is cached like the others
-(array_record) under <cache_dir>/synthfer/train<N>_test<M>_seed<S>/<VERSION>; VERSION must be
-bumped whenever the generator changes, since the cache is keyed by it.
+their annotated label is a draw from a known true label distribution. 7 classes in RAF-DB
+order (Surprise, Fear, Disgust, Happiness, Sadness, Anger, Neutral); 30 % of the faces blend
+two expressions. 'distribution' is the true label distribution (the mixing weights),
+'true_label' its argmax; the train 'label' is drawn from 'distribution', the test 'label' is
+the true label. Symmetric label noise is not applied here: the input pipeline does that.
+Images 112x112x3 uint8, stored as JPEG (quality 95). The generator is `facegen.py`; more on
+the faces in docs/design.md, "Datasets". The cache is <cache_dir>/synthfer/
+train<N>_test<M>_seed<S>/<VERSION>; VERSION must be bumped whenever the generator changes.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """The DMUE training model (multi-branch) and its inference model (target branch only).
 
-Variables of the training model (C classes, D feature dims):
-  params:
-    trunk      stem + layer1..layer3 (resnet.Trunk)
-    branches   C+1 copies of layer4 with a leading branch axis; copy c < C is auxiliary branch c,
-               copy C the target branch
-    neck       BatchNorm1d over D shared by every branch: scale, bias
-    aux_heads  kernel [C, D, C-1]: auxiliary head c, no bias
-    head       kernel [D, C]: the target head, no bias
-    pue        the uncertainty MLP: fc1 (2C -> C, bias), prelu alpha, fc2 (C -> 1, bias)
-  batch_stats: trunk, branches (stacked), neck.
-Inference variables: params/batch_stats {trunk, branch, neck, head}, `branch` being copy C.
+The training model holds a shared trunk (stem + layer1..layer3), C+1 stacked copies of layer4
+(copy c < C is auxiliary branch c, copy C the target branch), a BatchNorm neck shared by every
+branch, the auxiliary heads, the target head and the PUE MLP; the inference model keeps copy C
+only. The variable layouts: `DMUEModel.init` and `inference_variables`.
 
 Training inputs are grouped by class: x [C, k, H, W, 3], row c holding k samples of class c.
 Every subset the reference takes with boolean masks is then a static gather (the recommended
@@ -168,7 +161,19 @@ class DMUEModel:
 
   # ---------------------------------------------------------------- initialisation
   def init(self, rng: jax.Array, image_size: int) -> Variables:
-    """Random variables for the training model; images are [*, image_size, image_size, 3]."""
+    """Random variables for the training model; images are [*, image_size, image_size, 3].
+
+    Layout (C classes, D feature dims):
+      params:
+        trunk      stem + layer1..layer3 (resnet.Trunk)
+        branches   C+1 copies of layer4 with a leading branch axis; copy c < C is auxiliary
+                   branch c, copy C the target branch
+        neck       BatchNorm1d over D shared by every branch: scale, bias
+        aux_heads  kernel [C, D, C-1]: auxiliary head c, no bias
+        head       kernel [D, C]: the target head, no bias
+        pue        the uncertainty MLP: fc1 (2C -> C, bias), prelu alpha, fc2 (C -> 1, bias)
+      batch_stats: trunk, branches (stacked), neck.
+    """
     c, d = self.num_classes, self.feature_dim
     k_trunk, k_br, k_aux, k_head, k_pue, k_neck = jax.random.split(rng, 6)
     x = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
@@ -432,7 +437,11 @@ def is_inference_variables(variables: Variables) -> bool:
 
 
 def inference_variables(variables: Variables) -> Variables:
-  """Cuts the inference variables (target branch only) out of training variables."""
+  """Cuts the inference variables (target branch only) out of training variables.
+
+  Inference layout: params {trunk, branch, neck, head} and batch_stats {trunk, branch, neck},
+  `branch` being copy C (the target branch) of the stacked `branches`.
+  """
   if is_inference_variables(variables):
     return variables
   p, s = variables['params'], variables['batch_stats']
