@@ -42,15 +42,17 @@ def enable_compilation_cache(directory: str | None = None) -> None:
   """Keeps compiled XLA programs on disk so a restarted or repeated run skips compilation.
 
   The DMUE step takes tens of seconds to compile on a small CPU; a resumed run (Colab after a
-  runtime reset, a crash) gets it back from the cache. JAX_COMPILATION_CACHE_DIR wins if set;
-  DMUE_NO_COMPILATION_CACHE=1 turns this off.
+  runtime reset, a crash) gets it back from the cache. JAX_COMPILATION_CACHE_DIR and
+  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS win if set; DMUE_NO_COMPILATION_CACHE=1 turns it
+  off.
   """
   if os.environ.get('DMUE_NO_COMPILATION_CACHE') == '1':
     return
   directory = (directory or os.environ.get('JAX_COMPILATION_CACHE_DIR') or
                os.path.join(os.path.expanduser('~'), '.cache', 'dmue_jax', 'xla'))
   jax.config.update('jax_compilation_cache_dir', directory)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                    float(os.environ.get('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', 1.0)))
 
 
 def say(message: str) -> None:

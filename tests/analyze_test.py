@@ -246,6 +246,7 @@ def test_plain_run_table_is_ranked_by_suspicion_too(tmp_path):
 
 
 # ------------------------------------------------------------------ the command on a checkpoint
+@pytest.mark.slow
 def test_analyze_writes_one_row_per_training_sample(tmp_path):
   run = make_run(str(tmp_path / 'run'))
   config = run.config

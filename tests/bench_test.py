@@ -11,6 +11,8 @@ import sys
 import jax
 import pytest
 
+import conftest
+
 from configs import default
 from dmue_jax import bench
 from dmue_jax import config_lib
@@ -30,6 +32,7 @@ REQUIRED = (
 
 
 @pytest.mark.slow  # compiles the step, the plain step, inference and the pieces
+@pytest.mark.slow
 def test_json_line_has_every_measurement(capsys, monkeypatch):
   calls = []
   original = bench._interleaved_medians  # pylint: disable=protected-access
@@ -214,7 +217,7 @@ def test_weak_scaling_on_two_cpu_devices():
       "batch_per_class=2, steps=1, dtypes=('float32',), modes=('vmap',), fast_compile=True)\n"
       'print(json.dumps(bench.add_scaling_figures(entries)))\n')
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+             XLA_FLAGS=conftest.xla_flags(2))
   proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

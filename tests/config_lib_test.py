@@ -80,6 +80,7 @@ def test_runlocal_starts_from_scratch_unless_told_otherwise():
   assert overrides == {'model.init_from', 'dmue.gamma'}
 
 
+@pytest.mark.slow
 def test_main_without_init_from_is_one_clear_error(tmp_path):
   workdir = tmp_path / 'w'
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')

@@ -23,13 +23,29 @@ from configs import default
 from dmue_jax import checkpoints
 from dmue_jax import train
 
+# The tests compile far more than they run: XLA's backend (LLVM) optimisation is off for them
+# and for the subprocesses they start (fusion, sharding and FLOP counts are decided before it;
+# the programs run slower, on tiny batches). Set before JAX starts its backend.
+FAST_COMPILE_FLAG = '--xla_backend_optimization_level=0'
+if FAST_COMPILE_FLAG not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {FAST_COMPILE_FLAG}'.strip()
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a test subprocess with `devices` fake CPU devices."""
+  return f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAG}'
+
+
 # One persistent XLA compilation cache for the whole session, shared with the subprocesses the
 # tests start (they inherit the environment): the same tiny programs are compiled once, not in
 # every test that trains. Set before any compilation.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='dmue_xla_cache_')
 jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+# Every program, however quick to compile: the subprocesses compile the same small ones again.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                  float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
 # On a GPU, float32 matrix products may run in TF32 (10 mantissa bits); the tests compare
 # float32 results at float32 tolerances, so they ask for full precision.
 jax.config.update('jax_default_matmul_precision', 'highest')

@@ -76,6 +76,7 @@ def save(obj, path):
 
 # ------------------------------------------------------------------ layout (a)
 @pytest.mark.parametrize('prefix', ['', 'module.'])
+@pytest.mark.slow
 def test_multibranch_snapshot_loads_completely(tmp_path, prefix):
   config = make_config(3)
   net = reference_model(config)
@@ -94,6 +95,7 @@ def test_multibranch_snapshot_loads_completely(tmp_path, prefix):
       np.testing.assert_array_equal(back[key], value, err_msg=key)
 
 
+@pytest.mark.slow
 def test_round_trip_loads_into_the_reference_model():
   config = make_config(3)
   net = reference_model(config, seed=1)
@@ -212,6 +214,7 @@ def _our_terms_and_stats(config, variables, images, labels, epochs, via_loss_ter
     (8, 3, (0, 12), True, 'cpu'),
     (7, 2, (3, 10), False, 'xla'),
 ])
+@pytest.mark.slow
 def test_losses_and_running_stats_match_reference(num_classes, k, epochs, via_loss_terms,
                                                   kernels):
   config = make_config(num_classes, branch_mode='vmap', kernels=kernels)
@@ -244,6 +247,7 @@ def test_losses_and_running_stats_match_reference(num_classes, k, epochs, via_lo
     assert_close(after[key], torch_after[key], key)
 
 
+@pytest.mark.slow
 def test_inference_matches_reference_and_target_only_weights(tmp_path):
   config = make_config(3)
   net = reference_model(config, seed=3)
@@ -310,6 +314,7 @@ def test_pretrained_backbone_goes_into_every_branch(tmp_path, layout):
 
 
 @pytest.mark.parametrize('dmue_enabled', [True, False])
+@pytest.mark.slow
 def test_init_from_starts_training_from_the_file(tmp_path, dmue_enabled):
   """config.model.init_from: the run's initial variables are the converted file's, cut to the
   target branch for the plain cross-entropy baseline."""
@@ -336,6 +341,7 @@ def test_init_from_starts_training_from_the_file(tmp_path, dmue_enabled):
 
 # ------------------------------------------------------------------ other backbones
 @pytest.mark.parametrize('backbone', ['resnet18', 'resnet34', 'resnet50', 'resnet50_ibn'])
+@pytest.mark.slow
 def test_other_backbones_round_trip(backbone):
   config = make_config(3, backbone=backbone, width=8)
   net = reference_model(config, seed=2)

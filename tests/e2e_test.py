@@ -48,6 +48,7 @@ def cache(tmp_path_factory):
   return tmp_path_factory.mktemp('tfds')
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_then_resume(tmp_path, cache):
   workdir = str(tmp_path / 'run')
   config = tiny_config(cache)
@@ -79,6 +80,7 @@ def test_train_and_evaluate_then_resume(tmp_path, cache):
   assert os.path.getmtime(os.path.join(workdir, 'metrics.jsonl')) >= mtime
 
 
+@pytest.mark.slow
 def test_short_run_with_xla_kernels_matches_the_cpu_kernels(tmp_path, cache):
   """The training loop on XLA's own kernels (the graph a GPU or TPU runs) logs the losses the
   CPU kernels give, and results.json records the resolved kernels and dtype."""
@@ -103,9 +105,16 @@ def test_short_run_with_xla_kernels_matches_the_cpu_kernels(tmp_path, cache):
     assert loss == pytest.approx(runs['cpu'][step], rel=tolerance.get(step, 1e-2)), step
 
 
-def test_console_shows_progress_and_results_and_the_log_keeps_the_rest(tmp_path, cache):
-  workdir = tmp_path / 'run'
-  proc = run_main(workdir, cache)
+@pytest.fixture(scope='module')
+def whole_run(cache, tmp_path_factory):
+  """(workdir, process) of one uninterrupted `python -m dmue_jax.main` run of the tiny config."""
+  workdir = tmp_path_factory.mktemp('whole') / 'run'
+  return workdir, run_main(workdir, cache)
+
+
+@pytest.mark.slow
+def test_console_shows_progress_and_results_and_the_log_keeps_the_rest(whole_run):
+  workdir, proc = whole_run
   err = proc.stderr.splitlines()
   assert not [line for line in err if re.match(r'I\d{4} ', line)], proc.stderr[-2000:]
   evals = [line.split(':')[0] for line in err if 'eval accuracy' in line]
@@ -117,9 +126,9 @@ def test_console_shows_progress_and_results_and_the_log_keeps_the_rest(tmp_path,
   assert 'checkpoint' in log and 'eval accuracy' in log
 
 
-def test_killed_and_restarted_run_equals_uninterrupted(tmp_path, cache):
-  whole, broken = tmp_path / 'whole', tmp_path / 'broken'
-  run_main(whole, cache)
+@pytest.mark.slow
+def test_killed_and_restarted_run_equals_uninterrupted(tmp_path, cache, whole_run):
+  whole, broken = whole_run[0], tmp_path / 'broken'
   # SIGKILL right after step 5 was logged; the last checkpoint saved is step 4, written in the
   # background, so the one complete on disk is step 4 or, if the kill came first, step 3.
   proc = subprocess.run(
@@ -158,6 +167,7 @@ def test_killed_and_restarted_run_equals_uninterrupted(tmp_path, cache):
   assert written['confusion_matrix'] == a['confusion_matrix']
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, cache):
   workdir = str(tmp_path / 'nan')
   config = tiny_config(cache)
@@ -234,6 +244,7 @@ def _stats_by_step(workdir, steps, config):
 
 
 @pytest.mark.parametrize('freeze', [True, False])
+@pytest.mark.slow
 def test_mid_epoch_test_freezes_batch_norm_until_the_epoch_ends(tmp_path, cache, freeze):
   """Q7: with a test after every batch, the epoch's first test (after step 1) leaves the
   network in eval mode for steps 2 and 3: the running statistics stop changing until the next
@@ -257,6 +268,7 @@ def test_mid_epoch_test_freezes_batch_norm_until_the_epoch_ends(tmp_path, cache,
   assert pairs == [freeze] * 3
 
 
+@pytest.mark.slow
 def test_frozen_train_step_has_no_dropout_and_keeps_statistics():
   config = default.get_config('tiny')
   state = train.create_train_state(config, jax.random.key(0), 3)

@@ -46,6 +46,7 @@ def num_params(tree) -> int:
   return int(sum(np.size(a) for a in jax.tree.leaves(tree)))
 
 
+@pytest.mark.slow
 def test_export_holds_only_the_inference_path(exported):
   _, loaded = exported
   assert set(loaded.variables) == {'params', 'batch_stats'}
@@ -74,6 +75,7 @@ def test_export_is_the_plain_backbones_size(exported, tiny_run):
   print(f'\nfull checkpoint {summary["source_bytes"]} bytes, export {summary["export_bytes"]}')
 
 
+@pytest.mark.slow
 def test_export_logits_equal_the_full_models(exported, tiny_run):
   summary, loaded = exported
   full = tiny_run.states[summary['step']].variables
@@ -121,6 +123,7 @@ def test_damaged_export_is_a_clear_error(tmp_path, exported):
     inference.load(checkpoint=str(bad))
 
 
+@pytest.mark.slow
 def test_commands_export_then_predict_from_the_export(tiny_run, tmp_path):
   out = str(tmp_path / 'model')
   photo = str(tmp_path / 'astronaut.png')

@@ -14,6 +14,7 @@ NOTEBOOKS = ('demo.ipynb', 'inference.ipynb', 'train_tpu.ipynb')
 
 
 @pytest.mark.parametrize('name', NOTEBOOKS)
+@pytest.mark.slow
 def test_notebook_runs_in_smoke_mode(name, monkeypatch):
   monkeypatch.setenv('DMUE_SMOKE', '1')
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')

@@ -211,6 +211,7 @@ def test_missing_workdir_or_checkpoint_is_a_clear_error(tmp_path):
     inference.load(checkpoint=str(tmp_path / 'empty' / 'checkpoints'))
 
 
+@pytest.mark.slow
 def test_checkpoint_from_another_number_of_classes_is_a_clear_error(tmp_path):
   # Class names that do not match the model's outputs.
   run = conftest.make_run(str(tmp_path / 'names'), steps=(1,), accuracies=(0.5,),

@@ -23,6 +23,7 @@ from model_testing import SIZE, grouped_batch, tiny_config
 class TrainStepTest(chex.TestCase):
 
   @parameterized.parameters('cpu', 'xla')
+  @pytest.mark.slow
   def test_train_step_traces_once_and_loss_falls(self, kernels):
     chex.clear_trace_counter()  # the same `step` code is traced once per parameter
     config = tiny_config(7, kernels=kernels)
@@ -55,6 +56,7 @@ class TrainStepTest(chex.TestCase):
     chex.assert_trees_all_equal(state.params['neck'], first_params['neck'])
     self.assertFalse(np.allclose(state.params['head']['kernel'], first_params['head']['kernel']))
 
+  @pytest.mark.slow
   def test_bfloat16_step_is_close_to_float32_with_finite_gradients(self):
     """Mixed precision (what dtype 'auto' gives on GPU and TPU): bfloat16 convolutions with
     float32 parameters, BatchNorm statistics and losses. On the tiny config the loss is within
@@ -101,6 +103,7 @@ class TrainStepTest(chex.TestCase):
     with self.assertRaisesRegex(config_lib.ConfigError, 'aux_weight'):
       config_lib.validate(config)
 
+  @pytest.mark.slow
   def test_without_score_scaling_the_target_loss_is_plain_cross_entropy(self):
     batch = grouped_batch(7, 2)
     config = tiny_config(7, kernels='xla')
@@ -128,6 +131,7 @@ class TrainStepTest(chex.TestCase):
     with self.assertRaisesRegex(config_lib.ConfigError, 'config.model.kernels'):
       config_lib.validate(config)
 
+  @pytest.mark.slow
   def test_paper_variant_learns_pue_and_neck_scale(self):
     config = tiny_config(7)
     config.dmue.freeze_pue = False
@@ -146,6 +150,7 @@ class TrainStepTest(chex.TestCase):
                                  first['neck']['bn']['scale']))
     np.testing.assert_array_equal(state.params['neck']['bn']['bias'], first['neck']['bn']['bias'])
 
+  @pytest.mark.slow
   def test_pue_lr_is_the_learned_mlps_own_rate(self):
     config = tiny_config(7)
     config.dmue.freeze_pue = False
@@ -169,6 +174,7 @@ class TrainStepTest(chex.TestCase):
     config.dmue.freeze_pue = True
     self.assertEqual(first_step(((100, 1e-2),))['pue'], 0.0)
 
+  @pytest.mark.slow
   def test_loss_terms_invariant_to_batch_order(self):
     config = tiny_config(8)
     variables = train.init_variables(config, jax.random.key(0))

@@ -48,6 +48,7 @@ def test_matmul_batch_norm_matches_autodiff(shape):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_matmul_batch_norm_in_a_resnet_block_under_vmap():
   """The BatchNorm module through both implementations: the training output, the running
   statistics and the parameter gradients agree, also for stacked branches under jax.vmap (as

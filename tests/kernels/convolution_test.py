@@ -109,6 +109,7 @@ def test_valid_taps_value_and_gradients_equal_lax(kernel, strides, padding, size
   assert_conv_matches_lax(valid_tap_conv, x, w, strides, padding)
 
 
+@pytest.mark.slow
 def test_valid_taps_accumulate_bfloat16_in_float32():
   """bfloat16 in, bfloat16 out, but the nine tap products are summed in float32 and rounded
   once, as XLA's convolution does: the result is within one bfloat16 rounding of it."""
@@ -274,6 +275,7 @@ def test_winograd_rule_on_resnet18_at_112px(x_shape, w_shape, stride, dtype, win
   assert conv.winograd_wins(x_shape, w_shape, (stride, stride), pads, dtype) is wins
 
 
+@pytest.mark.slow
 def test_conv_auto_takes_winograd_before_valid_taps(monkeypatch):
   """A float32 stride-1 3x3 convolution with 128 input channels on a 4x4 map is Winograd's,
   the same in bfloat16 takes the valid taps, and the result matches lax's either way; under
@@ -318,6 +320,7 @@ def test_winograd_transforms_mixed_operands_in_their_common_dtype():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_flax_conv_in_a_resnet_block_matches_lax(monkeypatch):
   """Through flax's nn.Conv (its own dimension numbers and padding form) in a real block."""
   x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 8, 8, 8)), jnp.float32)

@@ -30,6 +30,7 @@ def test_kernel_setting_resolves_once_by_backend():
     kernels.select('fast')
 
 
+@pytest.mark.slow
 def test_whole_dmue_loss_gradient_matches_lax(monkeypatch):
   """Every parameter's gradient of the full DMUE loss (trunk, 7 auxiliary and the target
   branches, every loss term) agrees with XLA's own convolution gradients and autodiff BatchNorm,

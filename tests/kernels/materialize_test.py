@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
+
 from dmue_jax.kernels import materialize
 from dmue_jax.models import layers
 from dmue_jax.models import resnet
@@ -54,8 +56,10 @@ def test_materialized_block_matches_and_keeps_its_conditionals(kind):
     results[mode] = step(variables['params'])
   # Forward and backward each keep one conditional per ReLU output.
   assert conditionals == {'cond': 2 * (2 if kind == 'basic' else 3), 'off': 0}
+  # The same float32 sums, fused differently around the conditionals: equal to rounding (a few
+  # 1e-6 on gradients of order 1).
   for a, b in zip(jax.tree.leaves(results['cond']), jax.tree.leaves(results['off'])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 _SHARDED_BLOCK = """
@@ -77,6 +81,7 @@ print(json.dumps([hlo.count(' conditional('), hlo.count('all-reduce(')]))
 """
 
 
+@pytest.mark.slow
 def test_materialized_block_adds_no_collective_when_sharded():
   """The predicate reads a (replicated) parameter, not the batch-sharded activations: with the
   batch split over two CPU devices the block's gradient has as many all-reduces as without the
@@ -85,7 +90,7 @@ def test_materialized_block_adds_no_collective_when_sharded():
   counts = {}
   for mode in ('cond', 'off'):
     env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS='cpu',
-               XLA_FLAGS='--xla_force_host_platform_device_count=2')
+               XLA_FLAGS=conftest.xla_flags(2))
     proc = subprocess.run([sys.executable, '-c', _SHARDED_BLOCK, mode], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 from dmue_jax import train
@@ -15,6 +16,7 @@ from model_testing import SIZE, grouped_batch, tiny_config
 class ModelTest(parameterized.TestCase):
 
   @parameterized.parameters(7, 8)
+  @pytest.mark.slow
   def test_training_output_shapes(self, c):
     config = tiny_config(c)
     model = train.make_model(config)
@@ -33,6 +35,7 @@ class ModelTest(parameterized.TestCase):
     self.assertTrue(all(x.shape[0] == c + 1 for x in leaves))
 
   @parameterized.parameters('cpu', 'xla')
+  @pytest.mark.slow
   def test_loop_and_vmap_branches_agree(self, kernels):
     """Outputs, statistics and the gradient of the stacked branch parameters, with the CPU
     kernels and with XLA's (what a GPU or TPU runs)."""
@@ -71,6 +74,7 @@ class ModelTest(parameterized.TestCase):
     hlo = jax.jit(jax.grad(loss)).lower(tree).as_text()
     self.assertNotIn('pad', hlo)
 
+  @pytest.mark.slow
   def test_inference_model_equals_target_path_in_eval_mode(self):
     config = tiny_config(7)
     model = train.make_model(config)
