@@ -173,8 +173,12 @@ def total_loss(terms: dict, dmue_cfg, epoch):
     down = losses.ramp_down(epoch, dmue_cfg.ramp_a)
   else:
     up = down = jnp.ones((), jnp.float32)
-  total = (up * (terms['ce'] + dmue_cfg.w * terms['soft'] + dmue_cfg.gamma * terms['sp'])
-           + down * dmue_cfg.aux_weight * terms['aux'])
+  # A weight of 0 leaves its term out (rather than multiplying it by 0): an ablated term may be
+  # non-finite once nothing trains what it reads (the auxiliary logits' Gram without aux loss).
+  weighted = lambda weight, term: weight * term if weight else 0.0
+  total = (up * terms['ce']
+           + up * (weighted(dmue_cfg.w, terms['soft']) + weighted(dmue_cfg.gamma, terms['sp']))
+           + down * weighted(dmue_cfg.aux_weight, terms['aux']))
   return total, up, down
 
 

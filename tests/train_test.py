@@ -99,6 +99,9 @@ class TrainStepTest(chex.TestCase):
                            1.5 + d.w * 2.0 + d.gamma * 0.01 + 1.2, places=5)
     d.update({'w': 0.0, 'gamma': 0.0, 'aux_weight': 0.0})
     self.assertAlmostEqual(float(train.total_loss(terms, d, 1)[0]), 1.5, places=6)
+    # A term switched off is left out, even when it is not finite.
+    broken = {**terms, 'soft': float('nan'), 'sp': float('inf'), 'aux': float('nan')}
+    self.assertAlmostEqual(float(train.total_loss(broken, d, 1)[0]), 1.5, places=6)
     d.aux_weight = -1.0
     with self.assertRaisesRegex(config_lib.ConfigError, 'aux_weight'):
       config_lib.validate(config)
