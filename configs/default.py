@@ -39,10 +39,8 @@ def get_config(arg=None):
   config.optim.backbone_lr = ((8, 1e-3), (11, 3e-4), (100, 1e-4))
   config.optim.head_lr = ((8, 1e-3), (11, 3e-4), (100, 1e-4))
   # Used only by the paper's variant (--config.dmue.freeze_pue=False; the reference never trains
-  # the PUE MLP). 600 steps at the heads' rate leave the MLP far from converged: measured on
-  # this run, noisy_label_auroc 0.67-0.71 at the heads' rate, 0.78 at three times it (twice),
-  # 0.79 at five times (but 56 % test accuracy against 61 %), 0.57 at ten times (the score
-  # saturates at 1 for whole classes).
+  # the PUE MLP): three times the heads' rate, as 600 steps at theirs leave the MLP far from
+  # converged (docs/ambiguity.md, "What was tried for the PUE score").
   config.optim.pue_lr = ((8, 3e-3), (11, 1e-3), (100, 3e-4))
   config_lib.apply_presets(config, arg, {'tiny': _tiny, 'paper': config_lib.paper_behaviour})
   return config

@@ -1,6 +1,6 @@
 """The vectorised loss terms against an independent loop-based NumPy reference.
 
-The reference below is written from SPEC.md the way the authors' code computes it: shuffled
+The reference below computes each term the way the authors' code does: shuffled
 batch order, boolean-mask subsets of variable size, one Python loop iteration per class.
 """
 
