@@ -112,9 +112,14 @@ def test_scratch_defaults_at_default_py_length_are_default_py():
   lines = config_lib.apply_scratch_defaults(config, set())
   synthfer = default.get_config()
   for section, field in (('optim', 'backbone_lr'), ('optim', 'head_lr'), ('optim', 'pue_lr'),
-                         ('dmue', 'gamma'), ('dmue', 'ramp_a'), ('model', 'stem')):
+                         ('dmue', 'ramp_a'), ('model', 'stem')):
     assert config[section][field] == synthfer[section][field], field
     assert any(line.startswith(f'{section}.{field}: ') for line in lines), field
+  # The SP term stays on from random weights, at the gamma of the tiny (random-start) variant;
+  # the demo, from its pretrained start, turns it off.
+  assert config.dmue.gamma == default.get_config('tiny').dmue.gamma == 100.0
+  assert synthfer.dmue.gamma == 0.0
+  assert any(line.startswith('dmue.gamma: ') for line in lines)
   assert len(lines) == 6
 
 
