@@ -63,6 +63,16 @@ def arm_config(config, arm: str, label_noise: float):
   return out
 
 
+def settled_config(config):
+  """`config` with model.num_classes taken from the data when it is 0 (a folder dataset), as
+  training settles it, so that the starting weights can be built before training."""
+  if config.input.dataset != 'folder' or config.model.num_classes:
+    return config
+  out = copy.deepcopy(config)
+  train.prepare_data(out)
+  return out
+
+
 def start_variables(config, arm: str):
   """The arm's starting weights: DMUE's initial variables (random from config.seed, or
   config.model.init_from), the inference subset of them for the baseline."""
@@ -100,6 +110,7 @@ def compare(config, workdir: str, label_noise: Sequence[float] | None = None,
   if unknown:
     raise ConfigError(f'--ablate: unknown {", ".join(unknown)}; choose from '
                       f'{", ".join(ABLATIONS)} or all.')
+  config = settled_config(config)
   rows = []
   for rate in rates:
     row = {'label_noise': rate}

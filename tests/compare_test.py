@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 
+import cv2
 import jax
 import pytest
 import numpy as np
 
 from configs import default
+from configs import folder
 from dmue_jax import compare
 from dmue_jax import metrics as metrics_lib
 from dmue_jax.models import dmue as dmue_model
@@ -116,3 +118,17 @@ def test_table_lists_each_ablation_against_baseline_and_dmue():
   table = compare.format_table({'ablations': ['no_sp'], 'runs': [row]})
   assert '| 0.3 | eval_accuracy | 0.8000 | 0.7800 | -0.0200 |' in table
   assert '| 0.3 | no_sp | 0.8300 | +0.0300 | +0.0500 |' in table
+
+
+def test_a_folder_config_takes_its_class_count_from_the_data(tmp_path):
+  for split in ('train', 'test'):
+    for name in ('happy', 'sad', 'calm'):
+      path = tmp_path / 'faces' / split / name / 'a.png'
+      path.parent.mkdir(parents=True)
+      cv2.imwrite(str(path), np.full((8, 8, 3), 40, np.uint8))
+  config = folder.get_config()
+  config.input.data_dir, config.input.cache_dir = str(tmp_path / 'faces'), str(tmp_path / 'c')
+  assert config.model.num_classes == 0
+  settled = compare.settled_config(config)
+  assert settled.model.num_classes == 3 and config.model.num_classes == 0
+  assert compare.settled_config(settled) is settled
