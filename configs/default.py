@@ -48,9 +48,9 @@ def get_config(arg=None):
 
 def _tiny(config):
   """Seconds-long runs for the tests and the smoke notebooks (from random weights), with every
-  DMUE term on (the SP term at the from-scratch gamma), so that the tests exercise all of them."""
+  DMUE term on (the SP term at gamma 100), so that the tests exercise all of them."""
   config.model.init_from = ''
-  config.dmue.gamma = config_lib.SCRATCH_GAMMA
+  config.dmue.gamma = 100.0
   config.num_epochs = 2
   config.steps_per_epoch = 3
   config.input.image_size = 32

@@ -112,14 +112,9 @@ def test_scratch_defaults_at_default_py_length_are_default_py():
   lines = config_lib.apply_scratch_defaults(config, set())
   synthfer = default.get_config()
   for section, field in (('optim', 'backbone_lr'), ('optim', 'head_lr'), ('optim', 'pue_lr'),
-                         ('dmue', 'ramp_a'), ('model', 'stem')):
+                         ('dmue', 'gamma'), ('dmue', 'ramp_a'), ('model', 'stem')):
     assert config[section][field] == synthfer[section][field], field
     assert any(line.startswith(f'{section}.{field}: ') for line in lines), field
-  # The SP term stays on from random weights, at the gamma of the tiny (random-start) variant;
-  # the demo, from its pretrained start, turns it off.
-  assert config.dmue.gamma == default.get_config('tiny').dmue.gamma == 100.0
-  assert synthfer.dmue.gamma == 0.0
-  assert any(line.startswith('dmue.gamma: ') for line in lines)
   assert len(lines) == 6
 
 
@@ -130,9 +125,9 @@ def test_scratch_defaults_scale_with_the_run():
   assert config.optim.backbone_lr == ((24, 1e-3), (33, 3e-4), (300, 1e-4))
   assert config.optim.head_lr == ((24, 1e-3), (33, 3e-4), (300, 1e-4))
   assert config.optim.pue_lr == ((24, 3e-3), (33, 1e-3), (300, 3e-4))
-  assert (config.dmue.gamma, config.dmue.ramp_a, config.model.stem) == (100.0, 12.0, 'standard')
+  assert (config.dmue.gamma, config.dmue.ramp_a, config.model.stem) == (0.0, 12.0, 'standard')
   gamma = next(line for line in lines if line.startswith('dmue.gamma'))
-  assert f'{reference.dmue.gamma!r} -> 100.0' in gamma and '--config.dmue.gamma' in gamma
+  assert f'{reference.dmue.gamma!r} -> 0.0' in gamma and '--config.dmue.gamma' in gamma
   # What the reference keeps: everything that is not about starting from random weights.
   assert config.input.batch_per_class == reference.input.batch_per_class
   assert config.dmue.T == reference.dmue.T and config.model.backbone == 'resnet18'
