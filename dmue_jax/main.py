@@ -33,13 +33,14 @@ def _define_flags() -> None:
 
 def train_and_analyze(config, workdir: str, variables=None, hooks=()) -> dict:
   """A whole run: the pretrained start if the config names one, training and evaluation
-  (`train.train_and_evaluate`), then with config.analyze_at_end the ambiguity report of the
-  final checkpoint (`analyze.analyze`). Returns results.json's content."""
+  (`train.run_training`), then with config.analyze_at_end the ambiguity report of the final
+  state (`analyze.analyze`, on what training has in memory). Returns results.json's content."""
   pretrain.prepare_start(config)
-  results = train.train_and_evaluate(config, workdir, variables=variables, hooks=hooks)
+  run = train.run_training(config, workdir, variables=variables, hooks=hooks)
   if config.analyze_at_end:
-    results.update(analyze.analyze(workdir, config=config))
-  return results
+    run.results.update(analyze.analyze(workdir, config=config, state=run.state, data=run.data,
+                                       dynamics=run.dynamics))
+  return run.results
 
 
 def main(argv):

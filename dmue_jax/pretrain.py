@@ -24,7 +24,7 @@ from dmue_jax import train
 def ensure_pretrained(config) -> str:
   """The path of the pretrained backbone for `config`, training it first if not cached."""
   directory = backbones.cache_dir(config)
-  path = backbones.cached_path(config)
+  path = os.path.join(directory, backbones.FILE)
   if os.path.exists(path):
     return path
   cfg = backbones.pretrain_config(config)

@@ -607,6 +607,15 @@ def _meta(config, data: RunData, step: int) -> dict:
           'config': config.to_json()}
 
 
+@dataclasses.dataclass
+class FinishedRun:
+  """What a finished training run leaves in memory for the stage after it (the report)."""
+  results: dict
+  state: Any          # the final TrainState
+  data: RunData
+  dynamics: Dynamics
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        variables: Variables | None = None,
                        hooks: Sequence[Callable[[int], None]] = ()) -> dict:
@@ -616,8 +625,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   confusion_matrix.png (process 0). Returns the results dict. `variables`: the starting
   weights (default: `initial_variables`); unused when resuming. `hooks`: called with the step
   number after each log step's metrics are written. The ambiguity report is the commands'
-  next stage (`dmue_jax.main.train_and_analyze`).
+  next stage (`dmue_jax.main.train_and_analyze`, which takes `run_training`'s final state).
   """
+  return run_training(config, workdir, variables, hooks).results
+
+
+def run_training(config: ml_collections.ConfigDict, workdir: str,
+                 variables: Variables | None = None,
+                 hooks: Sequence[Callable[[int], None]] = ()) -> FinishedRun:
+  """`train_and_evaluate`, returning also the final state, data and training dynamics."""
   config_lib.validate(config)
   checkpoints.check_workdir(workdir)
   parallel.initialize_distributed(config.parallel)
@@ -744,7 +760,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                       os.path.join(workdir, 'confusion_matrix.png'))
     writer.close()
   mgr.close()
-  return results
+  return FinishedRun(results, state, data, dynamics)
 
 
 def mid_epoch_eval(config, step: int, steps_per_epoch: int) -> bool:
