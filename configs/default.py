@@ -51,6 +51,8 @@ def _tiny(config):
   DMUE term on (the SP term at gamma 100), so that the tests exercise all of them."""
   config.model.init_from = ''
   config.dmue.gamma = 100.0
+  # One block per stage: the tests compile far more than they run.
+  config.model.backbone = 'resnet10_narrow'
   config.num_epochs = 2
   config.steps_per_epoch = 3
   config.input.image_size = 32

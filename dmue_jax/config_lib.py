@@ -13,7 +13,8 @@ import ml_collections
 
 from dmue_jax.errors import UserError
 
-BACKBONES = ('resnet18', 'resnet34', 'resnet50', 'resnet50_ibn', 'resnet18_narrow')
+BACKBONES = ('resnet18', 'resnet34', 'resnet50', 'resnet50_ibn', 'resnet18_narrow',
+             'resnet10_narrow')
 DATASETS = ('synthfer', 'rafdb', 'affectnet', 'affectnet7', 'ferplus', 'folder')
 
 

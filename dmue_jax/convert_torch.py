@@ -280,14 +280,13 @@ def _describe_architecture(flat: dict[str, Any], prefix: str) -> str | None:
     blocks.append(len(ids))
   bottleneck = prefix + 'layer1.0.conv3.weight' in flat
   ibn = prefix + 'layer1.0.bn1.IN.weight' in flat
-  for name, (kind, layers) in resnet.SPECS.items():
-    if name == 'resnet18_narrow':
-      continue
+  # The narrow backbones first: at their width, they are the name to give.
+  for name, (kind, layers) in sorted(resnet.SPECS.items(),
+                                     key=lambda item: not item[0].endswith('_narrow')):
+    narrow = name.endswith('_narrow')
     if tuple(layers[:3]) == tuple(blocks) and (kind != 'basic') == bottleneck and (
-        (kind == 'bottleneck_ibn') == ibn):
-      if name == 'resnet18' and width == resnet.NARROW_WIDTH:
-        return 'resnet18_narrow'
-      return f'{name} with width {width}'
+        (kind == 'bottleneck_ibn') == ibn) and (not narrow or width == resnet.NARROW_WIDTH):
+      return name if narrow else f'{name} with width {width}'
   return f'an unknown ResNet (width {width}, blocks {blocks})'
 
 
@@ -310,7 +309,8 @@ def _listing(items: list[str]) -> str:
 
 def _raise_mismatch(source, fmt, flat, config, missing, unexpected, misshaped):
   c = config.model.num_classes
-  width = '' if config.model.backbone == 'resnet18_narrow' else f'width={config.model.width}, '
+  width = ('' if config.model.backbone.endswith('_narrow')
+           else f'width={config.model.width}, ')
   lines = [f'{source}: the {_DESCRIPTIONS[fmt]} does not fit the configured model '
            f'(backbone={config.model.backbone}, {width}num_classes={c}, '
            f'bnneck={config.model.bnneck}).']

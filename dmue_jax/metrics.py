@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -42,6 +43,27 @@ def _jsonable(v: Any):
 METRICS_FILE = 'metrics.jsonl'
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, or None without it (TensorBoard output is optional;
+  metrics.jsonl is always written).
+
+  tensorboardX imports torch when it is installed, only to accept torch tensors, which this
+  writer never passes; that import costs every run seconds, so torch is hidden from it unless
+  something has loaded torch already.
+  """
+  hide_torch = 'torch' not in sys.modules
+  if hide_torch:
+    sys.modules['torch'] = None  # makes `import torch` raise ImportError
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  except ImportError:
+    return None
+  finally:
+    if hide_torch:
+      sys.modules.pop('torch', None)
+
+
 class MetricWriter:
   """Appends JSON lines to <workdir>/metrics.jsonl and scalars to TensorBoard event files.
 
@@ -54,12 +76,8 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self.class_names = list(class_names) if class_names is not None else None
     self.path = os.path.join(workdir, METRICS_FILE)
-    self._tb = None
-    try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-    except ImportError:  # TensorBoard output is optional; metrics.jsonl always exists.
-      self._tb = None
+    writer_class = _summary_writer_class()
+    self._tb = writer_class(os.path.join(workdir, 'tensorboard')) if writer_class else None
 
   def truncate_after(self, step: int) -> None:
     """Drops records of steps after `step`: a resumed run redoes them."""

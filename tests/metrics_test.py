@@ -3,6 +3,8 @@
 import glob
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 from tensorboardX.proto import event_pb2
@@ -51,3 +53,21 @@ def test_without_class_names_the_tags_are_indices(tmp_path):
   writer.close()
   scalars = read_scalars(os.path.join(tmp_path, 'tensorboard'))
   assert scalars == {'per_class_accuracy/0': [(1, 0.25)], 'per_class_accuracy/1': [(1, 1.0)]}
+
+
+def test_tensorboard_writer_leaves_torch_unloaded(tmp_path):
+  """tensorboardX would import torch (seconds per run) only to accept torch tensors: a run's
+  writer writes its events without loading it, and torch still imports afterwards."""
+  script = ('import sys\n'
+            'from dmue_jax import metrics\n'
+            f'writer = metrics.MetricWriter({str(tmp_path)!r})\n'
+            'writer.write(1, {"loss": 0.5})\n'
+            'writer.close()\n'
+            'assert writer._tb is not None\n'
+            'assert "torch" not in sys.modules, "torch was loaded"\n'
+            'import torch\n')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, '-c', script], cwd=root, capture_output=True,
+                        text=True, env=dict(os.environ, PYTHONPATH=root), timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert read_scalars(os.path.join(tmp_path, 'tensorboard'))['loss'] == [(1, 0.5)]

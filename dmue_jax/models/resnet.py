@@ -29,6 +29,8 @@ Dtype = Any
 SPECS = {
     'resnet18': ('basic', (2, 2, 2, 2)),
     'resnet18_narrow': ('basic', (2, 2, 2, 2)),
+    # One block per stage, for the tests' seconds-long runs (as flax's imagenet `_ResNet1`).
+    'resnet10_narrow': ('basic', (1, 1, 1, 1)),
     'resnet34': ('basic', (3, 4, 6, 3)),
     'resnet50': ('bottleneck', (3, 4, 6, 3)),
     'resnet50_ibn': ('bottleneck_ibn', (3, 4, 6, 3)),
@@ -36,11 +38,15 @@ SPECS = {
 NARROW_WIDTH = 16
 
 
+def backbone_width(backbone: str, width: int = 64) -> int:
+  """The first stage's channels: NARROW_WIDTH for the '_narrow' backbones, else `width`."""
+  return NARROW_WIDTH if backbone.endswith('_narrow') else width
+
+
 def feature_dim(backbone: str, width: int = 64) -> int:
   """D, the pooled feature size: 8*width (basic blocks) or 32*width (bottlenecks)."""
   kind, _ = SPECS[backbone]
-  width = NARROW_WIDTH if backbone == 'resnet18_narrow' else width
-  return 8 * width * (1 if kind == 'basic' else 4)
+  return 8 * backbone_width(backbone, width) * (1 if kind == 'basic' else 4)
 
 
 def segment_count(x: jax.Array) -> int:
@@ -230,7 +236,7 @@ class Trunk(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     kind, blocks = SPECS[self.backbone]
-    width = NARROW_WIDTH if self.backbone == 'resnet18_narrow' else self.width
+    width = backbone_width(self.backbone, self.width)
     x = x.astype(self.dtype)
     x = _conv(width, 7, 2, self.dtype, self.kernels, 'conv1')(x)
     x = BatchNorm(dtype=self.dtype, kernels=self.kernels, axis_name=self.axis_name,
@@ -263,7 +269,7 @@ class Stage4(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     kind, blocks = SPECS[self.backbone]
-    width = NARROW_WIDTH if self.backbone == 'resnet18_narrow' else self.width
+    width = backbone_width(self.backbone, self.width)
     for _, block in _stage_blocks(kind, width, 3, blocks[3], x.shape[-1], self.last_stride,
                                   self.dtype, self.kernels, self.axis_name):
       x = block(x, train=train)
