@@ -43,7 +43,7 @@ def test_scratch_run_learns(tmp_path, dmue):
   cmd = [sys.executable, '-m', 'dmue_jax.main', '--config', 'configs/folder.py',
          '--workdir', str(workdir), f'--config.input.data_dir={data}',
          f'--config.input.cache_dir={tmp_path / "tfds"}', '--config.model.init_from=scratch',
-         '--config.model.backbone=resnet18_narrow', '--config.input.image_size=32',
+         '--config.model.backbone=resnet10_narrow', '--config.input.image_size=32',
          '--config.input.resize_size=36', '--config.input.batch_per_class=4',
          '--config.num_epochs=8', '--config.progress_bar=False',
          '--config.analyze_at_end=False', f'--config.dmue.enabled={dmue}']
