@@ -543,9 +543,6 @@ def restore_latest(workdir: str, step: int | None = None):
   abstract = jax.eval_shape(
       lambda key: train.create_train_state(config, key, meta['steps_per_epoch']),
       jax.random.key(0))
-  repl = parallel.replicated(parallel.make_mesh())
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-                          abstract)
   state, _ = checkpoints.restore(mgr, step, abstract)
   mgr.close()
   return config, state.variables, step

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from dmue_jax import config_lib
+from dmue_jax import parallel
 from dmue_jax.errors import UserError
 
 
@@ -71,9 +72,20 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
   mgr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
+def _replicated_abstract(target: Any) -> Any:
+  """`target`'s shapes and dtypes, replicated on every device of the run: a checkpoint restores
+  there whichever devices wrote it (one process's checkpoint resumes on two)."""
+  repl = parallel.replicated(parallel.make_mesh())
+
+  def abstract(x):
+    s = ocp.utils.to_shape_dtype_struct(x)
+    return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl)
+  return jax.tree.map(abstract, target)
+
+
 def restore(mgr: ocp.CheckpointManager, step: int, target: Any):
   """Restores (state, meta) at `step`; `target` is a state (or its shapes) to restore into."""
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  abstract = _replicated_abstract(target)
   try:
     out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                     meta=ocp.args.JsonRestore()))
@@ -91,7 +103,7 @@ def restore_dynamics(mgr: ocp.CheckpointManager, step: int, target: Any):
   without them."""
   if 'dynamics' not in mgr.item_metadata(step):
     return None
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  abstract = _replicated_abstract(target)
   try:
     return mgr.restore(step, args=ocp.args.Composite(
         dynamics=ocp.args.StandardRestore(abstract)))['dynamics']

@@ -652,11 +652,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str,
   # Placed before restoring, so that restored dynamics land on the mesh as well.
   dynamics = jax.device_put(Dynamics.zeros(len(data.labels), c), parallel.replicated(mesh))
   if mgr.latest_step() is not None:
-    # Replicated on this run's mesh, not on the devices that wrote it: a checkpoint written by
-    # one process restores on several (each finds its own devices in the target).
-    target = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated(mesh)),
-        jax.eval_shape(lambda key: create_train_state(config, key, spe), init_rng))
+    target = jax.eval_shape(lambda key: create_train_state(config, key, spe), init_rng)
     state, _ = checkpoints.restore(mgr, mgr.latest_step(), target)
     start_step = int(state.step)
     saved = checkpoints.restore_dynamics(mgr, start_step, dynamics)
