@@ -282,8 +282,8 @@ def _describe_architecture(flat: dict[str, Any], prefix: str) -> str | None:
   ibn = prefix + 'layer1.0.bn1.IN.weight' in flat
   # The narrow backbones first: at their width, they are the name to give.
   for name, (kind, layers) in sorted(resnet.SPECS.items(),
-                                     key=lambda item: not item[0].endswith('_narrow')):
-    narrow = name.endswith('_narrow')
+                                     key=lambda item: not resnet.is_narrow(item[0])):
+    narrow = resnet.is_narrow(name)
     if tuple(layers[:3]) == tuple(blocks) and (kind != 'basic') == bottleneck and (
         (kind == 'bottleneck_ibn') == ibn) and (not narrow or width == resnet.NARROW_WIDTH):
       return name if narrow else f'{name} with width {width}'
@@ -309,7 +309,7 @@ def _listing(items: list[str]) -> str:
 
 def _raise_mismatch(source, fmt, flat, config, missing, unexpected, misshaped):
   c = config.model.num_classes
-  width = ('' if config.model.backbone.endswith('_narrow')
+  width = ('' if resnet.is_narrow(config.model.backbone)
            else f'width={config.model.width}, ')
   lines = [f'{source}: the {_DESCRIPTIONS[fmt]} does not fit the configured model '
            f'(backbone={config.model.backbone}, {width}num_classes={c}, '

@@ -23,8 +23,8 @@ from dmue_jax import train
 
 def ensure_pretrained(config) -> str:
   """The path of the pretrained backbone for `config`, training it first if not cached."""
-  directory = backbones.cache_dir(config)
-  path = os.path.join(directory, backbones.FILE)
+  path = backbones.cached_path(config)
+  directory = os.path.dirname(path)
   if os.path.exists(path):
     return path
   cfg = backbones.pretrain_config(config)
@@ -37,8 +37,6 @@ def ensure_pretrained(config) -> str:
   logging.warning('Pretrained backbone: %.1f %% test accuracy on its own draw.',
                   100 * results['eval_accuracy'])
   return path
-
-
 
 
 def prepare_start(config) -> None:

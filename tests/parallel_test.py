@@ -27,9 +27,10 @@ def env_with(**extra):
 # The worker's parameter equalities are to float32 rounding: XLA's backend at optimisation
 # level 1 rounds the 1- and 4-device programs alike (largest entry 0.36 of the tolerance), the
 # unoptimised one (the other tests' setting) does not (270 times it), and full optimisation
-# takes twice as long to compile. The training command's tests compare logged losses only,
+# takes twice as long to compile. The fusions use the legacy emitters, as in every test
+# (conftest.FAST_COMPILE_FLAGS). The training command's tests compare logged losses only,
 # which agree either way, and take the unoptimised backend.
-WORKER_OPTIMISATION = '--xla_backend_optimization_level=1'
+WORKER_OPTIMISATION = '--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false'
 
 
 def run_worker(out, steps, kernels='auto', devices=1):

@@ -38,9 +38,14 @@ SPECS = {
 NARROW_WIDTH = 16
 
 
+def is_narrow(backbone: str) -> bool:
+  """The '_narrow' backbones have a fixed width (NARROW_WIDTH); config.model.width is unused."""
+  return backbone.endswith('_narrow')
+
+
 def backbone_width(backbone: str, width: int = 64) -> int:
   """The first stage's channels: NARROW_WIDTH for the '_narrow' backbones, else `width`."""
-  return NARROW_WIDTH if backbone.endswith('_narrow') else width
+  return NARROW_WIDTH if is_narrow(backbone) else width
 
 
 def feature_dim(backbone: str, width: int = 64) -> int:
