@@ -13,6 +13,9 @@ def tiny_config(num_classes=7, **model):
   config.model.num_classes = num_classes
   config.model.backbone = 'resnet10_narrow'  # one block per stage: compiles in half the time
   config.input.image_size = SIZE
+  if model.get('kernels') == 'xla':
+    # XLA's layers as a GPU or TPU runs them ('auto' pairs them with vmap branches there).
+    model.setdefault('branch_mode', 'vmap')
   for k, v in model.items():
     config.model[k] = v
   return config
