@@ -16,12 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'parallel_worker.py')
 
 
-def env_with(**extra):
-  # CPU devices also on a machine with a GPU: several processes or fake devices need them.
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
-  env.update(extra)
-  return env
+def env_with(devices, **extra):
+  """A subprocess's environment: `devices` CPU devices (also on a machine with a GPU) and the
+  tests' compiler settings (conftest.xla_flags)."""
+  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=conftest.xla_flags(devices), **extra)
 
 
 def run_worker(out, steps, kernels='auto', devices=1):
@@ -29,7 +28,7 @@ def run_worker(out, steps, kernels='auto', devices=1):
   # (conftest.FAST_COMPILE_FLAGS) round the 1- and 4-device programs alike: largest entry 0.29
   # of the tolerance (0.30 at backend optimisation level 1; with XLA:CPU's default fusion
   # emitters the unoptimised backend rounds them 270 times the tolerance apart).
-  env = env_with(XLA_FLAGS=conftest.xla_flags(devices))
+  env = env_with(devices)
   proc = subprocess.run([sys.executable, WORKER, str(out), str(steps), kernels], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -90,8 +89,8 @@ def run_two_processes(args, expect_success=True, timeout=600):
   port = free_port()
   procs = []
   for pid in range(2):
-    env = env_with(DMUE_COORDINATOR=f'127.0.0.1:{port}', DMUE_NUM_PROCESSES='2',
-                   DMUE_PROCESS_ID=str(pid), XLA_FLAGS=conftest.xla_flags(1))
+    env = env_with(1, DMUE_COORDINATOR=f'127.0.0.1:{port}', DMUE_NUM_PROCESSES='2',
+                   DMUE_PROCESS_ID=str(pid))
     procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   errs = []
@@ -127,7 +126,7 @@ def logged_losses(workdir):
 
 
 def main_losses(workdir, devices):
-  env = env_with(XLA_FLAGS=conftest.xla_flags(devices))
+  env = env_with(devices)
   proc = subprocess.run([sys.executable, *main_args(workdir)], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -175,7 +174,7 @@ def test_two_process_main_resumes_checkpoints_and_matches_one(one_device_main, t
 
 
 def test_uneven_split_is_a_config_error(tmp_path):
-  env = env_with(XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  env = env_with(4)
   proc = subprocess.run(
       [sys.executable, '-m', 'dmue_jax.main', '--config', 'configs/default.py:tiny',
        '--workdir', str(tmp_path / 'w'), '--config.input.batch_per_class=3',
