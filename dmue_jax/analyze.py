@@ -539,11 +539,7 @@ def restore_latest(workdir: str, step: int | None = None):
   meta = checkpoints.read_meta(mgr, step)
   config = checkpoints.config_from_meta(meta)
   config_lib.validate(config, for_training=False)
-  # Shapes only: a real init of the multi-branch model costs a minute on a small CPU.
-  abstract = jax.eval_shape(
-      lambda key: train.create_train_state(config, key, meta['steps_per_epoch']),
-      jax.random.key(0))
-  state, _ = checkpoints.restore(mgr, step, abstract)
+  state, _ = checkpoints.restore(mgr, step, train.state_shape(config, meta['steps_per_epoch']))
   mgr.close()
   return config, state.variables, step
 

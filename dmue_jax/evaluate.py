@@ -35,10 +35,7 @@ def evaluate(workdir: str, step: int | None = None) -> dict:
   config = checkpoints.config_from_meta(meta)
   config_lib.validate(config, for_training=False)
   data = train.prepare_data(config)
-  # Shapes only: building real initial variables would take tens of seconds on a CPU.
-  target = jax.eval_shape(lambda key: train.create_train_state(config, key, data.steps_per_epoch),
-                          jax.random.key(0))
-  state, _ = checkpoints.restore(mgr, step, target)
+  state, _ = checkpoints.restore(mgr, step, train.state_shape(config, data.steps_per_epoch))
   mesh = parallel.make_mesh()
   _, p_eval = train.make_jitted_steps(config, mesh, data.steps_per_epoch)
   variables = jax.device_put(state.variables, parallel.replicated(mesh))

@@ -7,8 +7,10 @@ accept ordinary [B, ...] batches in any order and group them first.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -316,9 +318,16 @@ def loss_terms(variables: Variables, images, labels, *, epoch, config, rng=None)
     config: the run config.
     rng: dropout key; None = no dropout.
   Returns: {'total', 'ce', 'soft', 'sp', 'aux'} scalars.
+  Compiled on each call (run op by op, the CPU kernels' many small operations take several
+  times longer); inside a caller's jit it is traced into the caller's program.
   """
-  model = make_model(config)
   grouped, _ = group_by_class(images, labels, config.model.num_classes)
+  return jax.jit(functools.partial(_grouped_terms, config=config))(
+      variables, grouped, epoch, rng)
+
+
+def _grouped_terms(variables: Variables, grouped, epoch, rng, *, config):
+  model = make_model(config)
   if uses_dmue(config):
     terms, _ = dmue_terms(model, config.dmue, variables['params'], variables['batch_stats'],
                           grouped, epoch, rng)
@@ -573,13 +582,53 @@ def predict_split(p_eval, variables, source, config, mesh, *, return_logits=Fals
   return (preds, labels, logits) if return_logits else (preds, labels)
 
 
+def _program_key(config, steps_per_epoch: int) -> str:
+  """The settings a compiled step or state layout depends on: the network, the DMUE terms, the
+  optimiser, the input size and the steps per epoch (the schedules count epochs)."""
+  return json.dumps({'model': config.model.to_dict(), 'dmue': config.dmue.to_dict(),
+                     'optim': config.optim.to_dict(), 'image_size': config.input.image_size,
+                     'steps_per_epoch': steps_per_epoch}, sort_keys=True, default=str)
+
+
+# Per process, a few entries: the runs of one comparison (its noise rates, a resume, the
+# evaluation after it) share one traced and compiled program instead of building their own.
+_PROGRAMS: dict[tuple, Any] = {}
+_MAX_PROGRAMS = 8
+
+
+def _cached(key: tuple, build: Callable[[], Any]) -> Any:
+  if key not in _PROGRAMS:
+    while len(_PROGRAMS) >= _MAX_PROGRAMS:
+      _PROGRAMS.pop(next(iter(_PROGRAMS)))
+    _PROGRAMS[key] = build()
+  return _PROGRAMS[key]
+
+
+def state_shape(config, steps_per_epoch: int, state: TrainState | None = None) -> TrainState:
+  """The TrainState's shapes and dtypes (a restore target), without building its variables;
+  those of `state` when the caller has built one (tracing the initialisation costs seconds)."""
+  if state is not None:
+    build = lambda: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  else:
+    build = lambda: jax.eval_shape(
+        lambda key: create_train_state(config, key, steps_per_epoch), jax.random.key(0))
+  return _cached(('state', _program_key(config, steps_per_epoch)), build)
+
+
 def make_jitted_steps(config, mesh, steps_per_epoch: int, *, frozen_bn: bool = False):
   """(train_step, eval_fn) jitted over the mesh (see `parallel.state_sharding`), batches
-  sharded; `frozen_bn`: the train step in eval mode (Q7)."""
+  sharded; `frozen_bn`: the train step in eval mode (Q7). Runs in one process with the same
+  `_program_key` get the same functions, so they trace and compile once."""
+  key = ('steps', _program_key(config, steps_per_epoch), mesh, frozen_bn)
+  # A private copy: the functions trace again for new shapes, after the caller's config may
+  # have changed.
+  return _cached(key, lambda: _jitted_steps(copy.deepcopy(config), mesh, steps_per_epoch,
+                                            frozen_bn))
+
+
+def _jitted_steps(config, mesh, steps_per_epoch: int, frozen_bn: bool):
   repl = parallel.replicated(mesh)
-  state_shape = jax.eval_shape(lambda: create_train_state(config, jax.random.key(0),
-                                                          steps_per_epoch))
-  state_sharding = parallel.state_sharding(state_shape, mesh)
+  state_sharding = parallel.state_sharding(state_shape(config, steps_per_epoch), mesh)
   p_train = compiler.jit(
       functools.partial(train_step, config=config, steps_per_epoch=steps_per_epoch, mesh=mesh,
                         frozen_bn=frozen_bn),
@@ -652,8 +701,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str,
   # Placed before restoring, so that restored dynamics land on the mesh as well.
   dynamics = jax.device_put(Dynamics.zeros(len(data.labels), c), parallel.replicated(mesh))
   if mgr.latest_step() is not None:
-    target = jax.eval_shape(lambda key: create_train_state(config, key, spe), init_rng)
-    state, _ = checkpoints.restore(mgr, mgr.latest_step(), target)
+    state, _ = checkpoints.restore(mgr, mgr.latest_step(), state_shape(config, spe))
     start_step = int(state.step)
     saved = checkpoints.restore_dynamics(mgr, start_step, dynamics)
     if saved is None:
@@ -665,6 +713,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str,
     if variables is None:
       variables = initial_variables(config, init_rng)
     state = create_train_state(config, init_rng, spe, variables=variables)
+    state_shape(config, spe, state)
   state = jax.device_put(state, parallel.state_sharding(state, mesh))
   p_train, p_eval = make_jitted_steps(config, mesh, spe)
 

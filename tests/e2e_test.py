@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
 from configs import default
 from dmue_jax import checkpoints
 from dmue_jax import metrics as metrics_lib
@@ -19,11 +20,21 @@ from dmue_jax import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The whole run (below) is also the reference for the run on XLA's kernels: it names the CPU
+# set ('auto' on a CPU) on any host, and Adam's eps is large. Adam's update of a near-zero
+# gradient is +-lr whichever sign rounding gives it; a large eps keeps two kernel sets' float32
+# roundings at noise level (as tests/parallel_worker.py).
+EPS = 1e-2
+
+
 def tiny_config(tmp_cache):
+  """The tiny config as run_main runs it."""
   config = default.get_config('tiny')
   config.input.cache_dir = str(tmp_cache)
   config.progress_bar = False
   config.analyze_at_end = False
+  config.optim.eps = EPS
+  config.model.kernels = 'cpu'
   return config
 
 
@@ -31,7 +42,8 @@ def run_main(workdir, cache, *extra, check=True):
   env = dict(os.environ, PYTHONPATH=ROOT)
   cmd = [sys.executable, '-m', 'dmue_jax.main', '--config', 'configs/default.py:tiny',
          '--workdir', str(workdir), f'--config.input.cache_dir={cache}',
-         '--config.progress_bar=False', '--config.analyze_at_end=False', *extra]
+         '--config.progress_bar=False', '--config.analyze_at_end=False',
+         f'--config.optim.eps={EPS}', '--config.model.kernels=cpu', *extra]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   if check and proc.returncode != 0:
     raise AssertionError(f'{cmd} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
@@ -81,28 +93,26 @@ def test_train_and_evaluate_then_resume(tmp_path, cache):
 
 
 @pytest.mark.slow
-def test_short_run_with_xla_kernels_matches_the_cpu_kernels(tmp_path, cache):
+def test_short_run_with_xla_kernels_matches_the_cpu_kernels(tmp_path, cache, whole_run):
   """The training loop on XLA's own kernels (the graph a GPU or TPU runs) logs the losses the
-  CPU kernels give, and results.json records the resolved kernels and dtype."""
-  runs = {}
-  for kernels in ('xla', 'cpu'):
-    config = tiny_config(cache)
-    config.model.kernels = kernels
-    # Adam's update of a near-zero gradient is +-lr whichever sign rounding gives it; a large
-    # eps keeps the two kernel sets' float32 rounding at noise level (as tests/parallel_worker).
-    config.optim.eps = 1e-2
-    workdir = str(tmp_path / kernels)
-    results = train.train_and_evaluate(config, workdir)
-    assert (results['kernels'], results['dtype']) == (kernels, 'float32')
-    with open(os.path.join(workdir, 'results.json')) as f:
-      assert json.load(f)['kernels'] == kernels
-    runs[kernels] = train_losses(workdir)
-  assert sorted(runs['xla']) == [1, 2, 3, 4, 5, 6]
+  CPU kernels (the whole run's) give, and results.json records the resolved kernels and
+  dtype."""
+  config = tiny_config(cache)
+  config.model.kernels = 'xla'
+  workdir = str(tmp_path / 'xla')
+  results = train.train_and_evaluate(config, workdir)
+  assert (results['kernels'], results['dtype']) == ('xla', 'float32')
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert json.load(f)['kernels'] == 'xla'
+  with open(os.path.join(whole_run[0], 'results.json')) as f:
+    assert json.load(f)['kernels'] == 'cpu'
+  xla, cpu = train_losses(workdir), train_losses(whole_run[0])
+  assert sorted(xla) == [1, 2, 3, 4, 5, 6]
   # The same weights give the same loss; after updates the two float32 roundings drift apart
   # (the SP term's gamma = 100 amplifies them), slowly.
   tolerance = {1: 1e-5, 2: 1e-4}
-  for step, loss in runs['xla'].items():
-    assert loss == pytest.approx(runs['cpu'][step], rel=tolerance.get(step, 1e-2)), step
+  for step, loss in xla.items():
+    assert loss == pytest.approx(cpu[step], rel=tolerance.get(step, 1e-2)), step
 
 
 @pytest.fixture(scope='module')
@@ -271,7 +281,8 @@ def test_mid_epoch_test_freezes_batch_norm_until_the_epoch_ends(tmp_path, cache,
 @pytest.mark.slow
 def test_frozen_train_step_has_no_dropout_and_keeps_statistics():
   config = default.get_config('tiny')
-  state = train.create_train_state(config, jax.random.key(0), 3)
+  state = train.create_train_state(config, jax.random.key(0), 3,
+                                   variables=conftest.random_variables(config, seed=0))
   rng = np.random.default_rng(0)
   batch = {'image': jax.numpy.asarray(rng.integers(0, 255, (7, 2, 32, 32, 3)), jax.numpy.uint8),
            'label': jax.numpy.asarray(np.repeat(np.arange(7), 2).reshape(7, 2))}

@@ -7,10 +7,14 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 import conftest
+from configs import default
+from dmue_jax import checkpoints
+from dmue_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'parallel_worker.py')
@@ -38,6 +42,8 @@ def run_worker(out, steps, kernels='auto', devices=1):
 def assert_same_training(a, b):
   """Losses, parameters and BatchNorm statistics agree entry by entry to rtol 1e-5.
 
+  a, b: {'losses': [...], keystr of a variable: array} (tests/parallel_worker.py's file).
+
   Sharded reductions sum in another order, so float32 rounding (~1e-7 relative) differs; the
   worker's large Adam eps keeps that rounding from being amplified to +-lr for near-zero
   gradients. atol 2e-6 covers entries that are themselves near zero (measured on 2 CPU
@@ -49,28 +55,17 @@ def assert_same_training(a, b):
   rtol 3e-5.
   """
   np.testing.assert_allclose(a['losses'], b['losses'], rtol=1e-5, atol=1e-6)
-  params = [k for k in a.files if k.startswith("['params']")]
+  params = [k for k in a if k.startswith("['params']")]
   assert params
-  for k in params + [k for k in a.files if k.startswith("['batch_stats']")]:
+  for k in params + [k for k in a if k.startswith("['batch_stats']")]:
     rtol = 3e-5 if k == "['batch_stats']['neck']['bn']['var']" else 1e-5
     np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=2e-6, err_msg=k)
 
 
-@pytest.fixture(scope='module')
-def one_device(tmp_path_factory):
-  return run_worker(tmp_path_factory.mktemp('one') / 'one.npz', 3)
-
-
-@pytest.mark.slow
-def test_four_devices_equal_one(one_device, tmp_path):
-  four = run_worker(tmp_path / 'four.npz', 3, devices=4)
-  assert int(four['devices']) == 4 and int(one_device['devices']) == 1
-  assert_same_training(one_device, four)
-
-
 @pytest.mark.slow
 def test_four_devices_equal_one_with_xla_kernels(tmp_path):
-  """The same with XLA's own kernels, the graph a GPU or TPU runs."""
+  """A few train steps on fixed batches, with XLA's own kernels (the graph a GPU or TPU runs).
+  The CPU set is compared through the training command (test_main_trains_the_same_...)."""
   one = run_worker(tmp_path / 'one.npz', 3, kernels='xla')
   four = run_worker(tmp_path / 'four.npz', 3, kernels='xla', devices=4)
   assert int(four['devices']) == 4
@@ -108,11 +103,13 @@ def run_two_processes(args, expect_success=True, timeout=600):
 
 def main_args(workdir):
   """`python -m dmue_jax.main` on the tiny config, k=4, two epochs of 3 steps, every step logged,
-  checkpoints at the epochs' ends. Adam's update of a near-zero gradient is +-lr whichever sign
-  float32 rounding gives it; a large eps keeps the programs' roundings at noise level over the
-  six steps (as tests/parallel_worker.py)."""
+  checkpoints at the epochs' ends, every loss term at full weight in the second epoch (ramp_a
+  0.5). Adam's update of a near-zero gradient is +-lr whichever sign float32 rounding gives it;
+  a large eps keeps the programs' roundings at noise level over the six steps (as
+  tests/parallel_worker.py)."""
   return ['-m', 'dmue_jax.main', '--config', 'configs/default.py:tiny',
           '--workdir', str(workdir), '--config.log_every_steps=1', '--config.optim.eps=1e-2',
+          '--config.dmue.ramp_a=0.5',
           '--config.checkpoint_every_steps=3', '--config.input.batch_per_class=4',
           '--config.progress_bar=False', '--config.analyze_at_end=False',
           f'--config.input.cache_dir={workdir.parent / "tfds"}']
@@ -133,6 +130,19 @@ def main_losses(workdir, devices):
   return logged_losses(workdir)
 
 
+def final_training(workdir):
+  """assert_same_training's view of a main_args run: its logged losses and the variables of
+  its last checkpoint (step 6)."""
+  config = default.get_config('tiny')
+  config.input.batch_per_class, config.optim.eps, config.dmue.ramp_a = 4, 1e-2, 0.5
+  mgr = checkpoints.manager(str(workdir), read_only=True)
+  state, _ = checkpoints.restore(mgr, 6, train.state_shape(config, 3))
+  mgr.close()
+  flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(
+      {'params': state.params, 'batch_stats': state.batch_stats})}
+  return {'losses': [l for _, l in logged_losses(workdir)], **flat}
+
+
 @pytest.fixture(scope='module')
 def one_device_main(tmp_path_factory):
   """(workdir, logged losses) of the training command on one device."""
@@ -141,12 +151,14 @@ def one_device_main(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_main_logs_same_losses_on_one_and_four_devices(one_device_main, tmp_path):
-  _, one = one_device_main
+def test_main_trains_the_same_on_one_and_four_devices(one_device_main, tmp_path):
+  """The training command with the CPU set: the same logged losses, and the same weights and
+  BatchNorm statistics in the last checkpoint."""
+  one_dir, one = one_device_main
   four = main_losses(tmp_path / 'four', 4)
   assert [s for s, _ in one] == [1, 2, 3, 4, 5, 6]
   assert [s for s, _ in four] == [s for s, _ in one]
-  np.testing.assert_allclose([l for _, l in four], [l for _, l in one], rtol=1e-5)
+  assert_same_training(final_training(one_dir), final_training(tmp_path / 'four'))
 
 
 @pytest.mark.slow

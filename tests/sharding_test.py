@@ -15,14 +15,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C, K, N, SIZE = 7, 4, 4, 32
 
 
-def compiled_facts(mode, kernels, method='dmue'):
+def compiled_facts(cases):
+  """sharding_worker's facts for each (branch mode, kernels, method), from one process."""
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
              XLA_FLAGS=conftest.xla_flags(N))
   proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'sharding_worker.py'),
-                         mode, kernels, method], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=900)
+                         *(':'.join(case) for case in cases)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return [json.loads(line) for line in proc.stdout.strip().splitlines()[-len(cases):]]
 
 
 def assert_divided(facts, feature_dims):
@@ -49,14 +50,21 @@ def assert_divided(facts, feature_dims):
     assert op in ('all-gather', 'all-reduce'), op
 
 
-@pytest.mark.slow
-# The two pairings 'auto' gives: vmap with XLA's layers (GPU, TPU), the loop with the CPU set.
-@pytest.mark.parametrize('mode,kernels', [('vmap', 'xla'), ('loop', 'cpu')])
-def test_each_device_computes_its_share_of_the_dmue_step(mode, kernels):
-  # Pooled features (D = 128 on the tiny config), logits (C, C-1).
-  assert_divided(compiled_facts(mode, kernels), {128, C, C - 1})
+# Feature dimensions a gathered per-sample vector may have: pooled features (D = 128 on the
+# tiny config) and logits (C, C-1) for DMUE, logits for the baseline.
+CASES = {
+    # The two pairings 'auto' gives: vmap with XLA's layers (GPU, TPU), the loop with the CPU
+    # set.
+    ('vmap', 'xla', 'dmue'): {128, C, C - 1},
+    ('loop', 'cpu', 'dmue'): {128, C, C - 1},
+    ('loop', 'xla', 'baseline'): {C},
+}
 
 
 @pytest.mark.slow
-def test_each_device_computes_its_share_of_the_baseline_step():
-  assert_divided(compiled_facts('loop', 'xla', 'baseline'), {C})
+def test_each_device_computes_its_share_of_the_dmue_and_baseline_steps():
+  for case, facts in zip(CASES, compiled_facts(list(CASES))):
+    try:
+      assert_divided(facts, CASES[case])
+    except AssertionError as e:
+      raise AssertionError(f'{":".join(case)}: {e}') from e

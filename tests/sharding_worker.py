@@ -1,8 +1,10 @@
 """Compiles the tiny config's train step on 1 and on all (fake CPU) devices and prints, as one
-JSON line, what each device computes: XLA's FLOPs and the collectives with their shapes.
+JSON line per case, what each device computes: XLA's FLOPs and the collectives with their
+shapes. A case is BRANCH_MODE:KERNELS:METHOD (METHOD dmue or baseline); one process compiles
+them all.
 
   JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 \
-      python tests/sharding_worker.py vmap xla [dmue|baseline]
+      python tests/sharding_worker.py vmap:xla:dmue loop:cpu:dmue
 """
 
 import json
@@ -86,4 +88,5 @@ def main(mode, kernels, method):
 
 
 if __name__ == '__main__':
-  main(*sys.argv[1:4])
+  for case in sys.argv[1:]:
+    main(*case.split(':'))

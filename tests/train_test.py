@@ -11,10 +11,12 @@ import optax
 import pytest
 from absl.testing import parameterized
 
+import conftest
 from configs import default
 from configs import rafdb
 from dmue_jax import checkpoints
 from dmue_jax import config_lib
+from dmue_jax import parallel
 from dmue_jax import train
 
 from model_testing import SIZE, grouped_batch, tiny_config
@@ -31,7 +33,8 @@ class TrainStepTest(chex.TestCase):
     config.optim.head_lr = ((100, 3e-3),)
     # One step per epoch and a tiny ramp_a: every term at (nearly) full weight from step 1.
     config.dmue.ramp_a = 0.01
-    state = train.create_train_state(config, jax.random.key(0), steps_per_epoch=1)
+    state = train.create_train_state(config, jax.random.key(0), steps_per_epoch=1,
+                                     variables=conftest.random_variables(config, seed=0))
     batch = grouped_batch(7, 2)
     flat_images = batch['image'].reshape((14, SIZE, SIZE, 3))
     flat_labels = np.asarray(batch['label']).reshape(-1)
@@ -66,7 +69,7 @@ class TrainStepTest(chex.TestCase):
     for dtype in ('float32', 'bfloat16'):
       config = tiny_config(7, dtype=dtype, kernels='xla')
       config.dmue.ramp_a = 0.5
-      variables = train.init_variables(config, jax.random.key(0))
+      variables = conftest.random_variables(config, seed=0)
       model = train.make_model(config)
       self.assertEqual(model.dtype, jnp.dtype(dtype))
 
@@ -111,7 +114,7 @@ class TrainStepTest(chex.TestCase):
     batch = grouped_batch(7, 2)
     config = tiny_config(7, kernels='xla')
     config.dmue.score_scaling = False
-    variables = train.init_variables(config, jax.random.key(0))
+    variables = conftest.random_variables(config, seed=0)
     terms, extra = jax.device_get(jax.jit(lambda p: train.dmue_terms(
         train.make_model(config), config.dmue, p, variables['batch_stats'], batch['image'], 1,
         jax.random.key(2)))(variables['params']))
@@ -141,7 +144,8 @@ class TrainStepTest(chex.TestCase):
     config.dmue.freeze_neck = False
     config.dmue.sp_on_aux_logits = False
     config.dmue.ramp_a = 1.0
-    state = train.create_train_state(config, jax.random.key(0), steps_per_epoch=5)
+    state = train.create_train_state(config, jax.random.key(0), steps_per_epoch=5,
+                                     variables=conftest.random_variables(config, seed=0))
     first = state.params
     state, metrics = jax.jit(functools.partial(train.train_step, config=config,
                                                steps_per_epoch=5))(
@@ -158,7 +162,7 @@ class TrainStepTest(chex.TestCase):
     config = tiny_config(7)
     config.dmue.freeze_pue = False
     config.optim.head_lr = ((100, 1e-3),)
-    params = train.init_variables(config, jax.random.key(0))['params']
+    params = conftest.random_variables(config, seed=0)['params']
     grads = jax.tree.map(jnp.ones_like, params)
 
     def first_step(pue_lr):
@@ -180,7 +184,7 @@ class TrainStepTest(chex.TestCase):
   @pytest.mark.slow
   def test_loss_terms_invariant_to_batch_order(self):
     config = tiny_config(8)
-    variables = train.init_variables(config, jax.random.key(0))
+    variables = conftest.random_variables(config, seed=0)
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.repeat(np.arange(8), 2))
     images = rng.normal(size=(16, SIZE, SIZE, 3)).astype(np.float32)
@@ -192,7 +196,7 @@ class TrainStepTest(chex.TestCase):
 
   def test_loss_terms_rejects_unbalanced_batch(self):
     config = tiny_config(7)
-    variables = train.init_variables(config, jax.random.key(0))
+    variables = conftest.random_variables(config, seed=0)
     labels = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 6])
     with self.assertRaisesRegex(ValueError, 'exactly k'):
       train.loss_terms(variables, np.zeros((15, SIZE, SIZE, 3), np.float32), labels, epoch=0,
@@ -256,3 +260,19 @@ def test_paper_variant_learns_the_pue_mlp_and_the_neck():
   assert rafdb.get_config('runlocal,paper').input.batch_per_class == 2
   with pytest.raises(config_lib.ConfigError, match="'tiny'"):
     rafdb.get_config('tiny')
+
+
+def test_runs_with_the_same_network_terms_and_optimiser_share_their_compiled_steps():
+  """A comparison's noise rates and a resumed run reuse one traced and compiled step."""
+  config = default.get_config('tiny')
+  mesh = parallel.make_mesh()
+  p_train, p_eval = train.make_jitted_steps(config, mesh, 3)
+  other_data = default.get_config('tiny')
+  other_data.input.label_noise, other_data.seed, other_data.num_epochs = 0.3, 5, 9
+  assert train.make_jitted_steps(other_data, mesh, 3) == (p_train, p_eval)
+  assert train.state_shape(other_data, 3) is train.state_shape(config, 3)
+  other_terms = default.get_config('tiny')
+  other_terms.dmue.gamma = 0.0
+  assert train.make_jitted_steps(other_terms, mesh, 3)[0] is not p_train
+  assert train.make_jitted_steps(config, mesh, 4)[0] is not p_train
+  assert train.make_jitted_steps(config, mesh, 3, frozen_bn=True)[0] is not p_train

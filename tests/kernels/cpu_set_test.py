@@ -42,7 +42,7 @@ def test_whole_dmue_loss_gradient_matches_lax(monkeypatch):
   config = default.get_config('tiny')
   config.model.branch_mode = 'loop'
   c, k = 7, 2
-  variables = train.init_variables(config, jax.random.key(0))
+  variables = conftest.random_variables(config, seed=0)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(c * k, 32, 32, 3)), jnp.float32)
   labels = jnp.asarray(np.repeat(np.arange(c), k))
@@ -52,7 +52,7 @@ def test_whole_dmue_loss_gradient_matches_lax(monkeypatch):
   norms = {'xla': layers.batch_norm, 'matmul': batch_norm.batch_norm_matmul}
   make_model = train.make_model
 
-  def grads(conv_grad, norm):
+  def grads(conv_grad, norm, compiler_options=None):
     chosen = dataclasses.replace(kernels.CPU, conv=convs[conv_grad], batch_norm=norms[norm])
     monkeypatch.setattr(train, 'make_model', lambda config: dataclasses.replace(
         make_model(config), kernels=chosen))
@@ -60,11 +60,7 @@ def test_whole_dmue_loss_gradient_matches_lax(monkeypatch):
     def loss(params):
       return train.loss_terms({'params': params, 'batch_stats': variables['batch_stats']},
                               images, labels, epoch=10, config=config)['total']
-    # XLA:CPU's default fusion emitters, which runs compile with: the legacy ones the other
-    # tests compile with (conftest.FAST_COMPILE_FLAGS) get the tap kernel gradients with the
-    # matmul BatchNorm wrong on the stem (relative error 1; either alone is right).
-    return jax.jit(jax.grad(loss), compiler_options=conftest.DEFAULT_EMITTERS)(
-        variables['params'])
+    return jax.jit(jax.grad(loss), compiler_options=compiler_options)(variables['params'])
 
   xla = grads('xla', 'xla')
   shapes = {'conv_valid_taps': [], 'conv_winograd': []}
@@ -83,7 +79,11 @@ def test_whole_dmue_loss_gradient_matches_lax(monkeypatch):
   assert len(valid_taps) >= 8 and (3, 3, 128, 128) in valid_taps, valid_taps
   assert sorted(winograd) == [(3, 3, 32, 32), (3, 3, 64, 64)], winograd
   # The tap kernel gradients on every convolution, with the matmul BatchNorm.
-  for variant in (auto, grads('taps', 'matmul')):
+  # Compiled with XLA:CPU's default fusion emitters, as runs compile: the legacy ones the tests
+  # compile with (conftest.FAST_COMPILE_FLAGS) get this pairing wrong on the stem (relative
+  # error 1; either kernel alone is right, and so are the two programs above).
+  taps = grads('taps', 'matmul', compiler_options=conftest.DEFAULT_EMITTERS)
+  for variant in (auto, taps):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(variant), jax.tree.leaves(xla)):
       a, b = np.asarray(a), np.asarray(b)
       rel = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
+import conftest
 from dmue_jax import train
 from dmue_jax.models import dmue as dmue_model
 from dmue_jax.models import resnet
@@ -20,9 +21,10 @@ class ModelTest(parameterized.TestCase):
   def test_training_output_shapes(self, c):
     config = tiny_config(c)
     model = train.make_model(config)
-    variables = model.init(jax.random.key(0), SIZE)
+    # Shapes only (what this test checks): an eager init and forward take seconds.
+    variables = jax.eval_shape(lambda key: model.init(key, SIZE), jax.random.key(0))
     k, d = 2, model.feature_dim
-    out, stats = model.apply_train(variables, grouped_batch(c, k)['image'])
+    out, stats = jax.eval_shape(model.apply_train, variables, grouped_batch(c, k)['image'])
     chex.assert_shape(out['aux_logits'], (c, (c - 1) * k, c - 1))
     chex.assert_shape(out['latent_logits'], (c, k, c - 1))
     chex.assert_shape(out['target_logits'], (c, k, c))
@@ -43,7 +45,7 @@ class ModelTest(parameterized.TestCase):
     results = {}
     for mode in ('loop', 'vmap'):
       config = tiny_config(7, branch_mode=mode, kernels=kernels)
-      variables = train.init_variables(config, jax.random.key(1))
+      variables = conftest.random_variables(config, seed=1)
       model = train.make_model(config)
 
       def loss(branches, variables=variables, model=model):
@@ -78,21 +80,24 @@ class ModelTest(parameterized.TestCase):
   def test_inference_model_equals_target_path_in_eval_mode(self):
     config = tiny_config(7)
     model = train.make_model(config)
-    variables = model.init(jax.random.key(2), SIZE)
-    # Give the running statistics non-trivial values with one training pass.
-    _, stats = model.apply_train(variables, grouped_batch(7, 2)['image'])
-    variables = {'params': variables['params'], 'batch_stats': stats}
+    # Random running statistics too (not an init's zeros and ones): a wrong branch or
+    # statistic shows.
+    variables = conftest.random_variables(config, seed=2)
     images = grouped_batch(7, 2, seed=3)['image'].reshape(14, SIZE, SIZE, 3)
     got = train.predict_logits(variables, images, config)
-    # The target path by hand: trunk, branch C, pool, neck, head, all in eval mode.
-    p, s = variables['params'], variables['batch_stats']
-    h = model.trunk.apply({'params': p['trunk'], 'batch_stats': s['trunk']}, images,
-                          train=False)
-    last = lambda t: jax.tree.map(lambda a: a[-1], t)
-    h = model.stage.apply({'params': last(p['branches']), 'batch_stats': last(s['branches'])},
-                          h, train=False)
-    z = dmue_model.Neck().apply({'params': p['neck'], 'batch_stats': s['neck']},
-                                resnet.pool(h), train=False)
-    want = z @ p['head']['kernel']
+
+    @jax.jit
+    def by_hand(p, s):
+      """The target path: trunk, branch C, pool, neck, head, all in eval mode."""
+      h = model.trunk.apply({'params': p['trunk'], 'batch_stats': s['trunk']}, images,
+                            train=False)
+      last = lambda t: jax.tree.map(lambda a: a[-1], t)
+      h = model.stage.apply({'params': last(p['branches']), 'batch_stats': last(s['branches'])},
+                            h, train=False)
+      z = dmue_model.Neck().apply({'params': p['neck'], 'batch_stats': s['neck']},
+                                  resnet.pool(h), train=False)
+      return z @ p['head']['kernel']
+
+    want = by_hand(variables['params'], variables['batch_stats'])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     chex.assert_shape(got, (14, 7))
