@@ -56,9 +56,12 @@ def uses_dmue(config) -> bool:
 def init_variables(config, rng: jax.Array) -> Variables:
   """Random training variables (the inference layout for the plain-CE baseline).
 
-  Jitted: run eagerly, Flax's init executes every layer op by op (tens of seconds on a CPU).
+  Jitted: run eagerly, Flax's init executes every layer op by op (tens of seconds on a CPU);
+  compiled once per process for each network (`make_jitted_steps`' cache).
   """
-  return jax.jit(functools.partial(_init_variables, config))(rng)
+  init = _cached(('init', _program_key(config, 0)),
+                 lambda: jax.jit(functools.partial(_init_variables, copy.deepcopy(config))))
+  return init(rng)
 
 
 def _init_variables(config, rng: jax.Array) -> Variables:
@@ -593,7 +596,7 @@ def _program_key(config, steps_per_epoch: int) -> str:
 # Per process, a few entries: the runs of one comparison (its noise rates, a resume, the
 # evaluation after it) share one traced and compiled program instead of building their own.
 _PROGRAMS: dict[tuple, Any] = {}
-_MAX_PROGRAMS = 8
+_MAX_PROGRAMS = 16
 
 
 def _cached(key: tuple, build: Callable[[], Any]) -> Any:

@@ -15,6 +15,7 @@ import conftest
 from configs import default
 from dmue_jax import checkpoints
 from dmue_jax import metrics as metrics_lib
+from dmue_jax import parallel
 from dmue_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -244,10 +245,9 @@ def test_unknown_config_variant_is_one_clear_error(tmp_path):
 def _stats_by_step(workdir, steps, config):
   """{step: the flattened batch statistics saved at that step}."""
   mgr = checkpoints.manager(workdir, read_only=True)
-  target = jax.eval_shape(lambda k: train.create_train_state(config, k, 3), jax.random.key(0))
   out = {}
   for step in steps:
-    state, _ = checkpoints.restore(mgr, step, target)
+    state, _ = checkpoints.restore(mgr, step, train.state_shape(config, 3))
     out[step] = np.concatenate([np.ravel(a) for a in jax.tree.leaves(state.batch_stats)])
   mgr.close()
   return out
@@ -280,17 +280,28 @@ def test_mid_epoch_test_freezes_batch_norm_until_the_epoch_ends(tmp_path, cache,
 
 @pytest.mark.slow
 def test_frozen_train_step_has_no_dropout_and_keeps_statistics():
-  config = default.get_config('tiny')
+  # The training loop's own steps (tiny_config's, which the runs above compiled already when
+  # this process ran them).
+  config = tiny_config('')
   state = train.create_train_state(config, jax.random.key(0), 3,
                                    variables=conftest.random_variables(config, seed=0))
   rng = np.random.default_rng(0)
-  batch = {'image': jax.numpy.asarray(rng.integers(0, 255, (7, 2, 32, 32, 3)), jax.numpy.uint8),
-           'label': jax.numpy.asarray(np.repeat(np.arange(7), 2).reshape(7, 2))}
+  # The loop's batch: uint8 images, no erase boxes (h = 0), labels, dataset indices.
+  batch = {'image': np.asarray(rng.integers(0, 255, (7, 2, 32, 32, 3)), np.uint8),
+           'erase': np.zeros((7, 2, 4), np.int32),
+           'label': np.repeat(np.arange(7, dtype=np.int32), 2).reshape(7, 2),
+           'index': np.arange(14, dtype=np.int32).reshape(7, 2)}
+  mesh = parallel.make_mesh()
+  shardings = parallel.state_sharding(state, mesh)
+  batch = jax.device_put(batch, parallel.train_batch_sharding(mesh))
+  state = jax.device_get(state)
   losses = {}
   for frozen in (False, True):
-    step = jax.jit(lambda s, b, r, frozen=frozen: train.train_step(
-        s, b, r, config=config, steps_per_epoch=3, frozen_bn=frozen))
-    outs = [step(state, batch, jax.random.key(seed)) for seed in (1, 2)]
+    step, _ = train.make_jitted_steps(config, mesh, 3, frozen_bn=frozen)
+    # Placed as the loop places it; the steps donate the state they are given, so each call
+    # gets its own copy.
+    outs = [step(jax.device_put(state, shardings), batch, jax.random.key(seed))
+            for seed in (1, 2)]
     losses[frozen] = [float(m['train_loss']) for _, m in outs]
     if frozen:
       for new_state, _ in outs:

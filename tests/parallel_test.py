@@ -27,16 +27,19 @@ def env_with(devices, **extra):
               XLA_FLAGS=conftest.xla_flags(devices), **extra)
 
 
-def run_worker(out, steps, kernels='auto', devices=1):
-  # The worker's parameter equalities are to float32 rounding. The tests' compiler settings
-  # (conftest.FAST_COMPILE_FLAGS) round the 1- and 4-device programs alike: largest entry 0.29
-  # of the tolerance (0.30 at backend optimisation level 1; with XLA:CPU's default fusion
-  # emitters the unoptimised backend rounds them 270 times the tolerance apart).
-  env = env_with(devices)
-  proc = subprocess.run([sys.executable, WORKER, str(out), str(steps), kernels], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=600)
+def run_worker(out_dir, steps, kernels, devices=(1, 4)):
+  """tests/parallel_worker.py's results {device count: its npz}, from one process with
+  max(devices) CPU devices."""
+  # The worker's parameter equalities are to float32 rounding. Under the tests' compiler
+  # settings (conftest.FAST_COMPILE_FLAGS) the largest entry is 0.62 of assert_same_training's
+  # tolerance with XLA's kernels (with XLA:CPU's default fusion emitters the unoptimised
+  # backend rounded the CPU set's two programs 270 times the tolerance apart).
+  env = env_with(max(devices))
+  proc = subprocess.run([sys.executable, WORKER, str(out_dir), str(steps), kernels,
+                         *map(str, devices)], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return np.load(out)
+  return {n: np.load(os.path.join(out_dir, f'{n}.npz')) for n in devices}
 
 
 def assert_same_training(a, b):
@@ -66,10 +69,9 @@ def assert_same_training(a, b):
 def test_four_devices_equal_one_with_xla_kernels(tmp_path):
   """A few train steps on fixed batches, with XLA's own kernels (the graph a GPU or TPU runs).
   The CPU set is compared through the training command (test_main_trains_the_same_...)."""
-  one = run_worker(tmp_path / 'one.npz', 3, kernels='xla')
-  four = run_worker(tmp_path / 'four.npz', 3, kernels='xla', devices=4)
-  assert int(four['devices']) == 4
-  assert_same_training(one, four)
+  runs = run_worker(tmp_path, 3, kernels='xla')
+  assert int(runs[4]['devices']) == 4
+  assert_same_training(runs[1], runs[4])
 
 
 def free_port():

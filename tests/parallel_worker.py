@@ -1,12 +1,12 @@
-"""Runs a few DMUE train steps on fixed synthetic global batches and saves losses and params.
+"""Runs a few DMUE train steps on fixed synthetic global batches, on meshes of 1 and of more
+(fake CPU) devices in one process, and saves each mesh's losses and variables.
 
-Used by parallel_test.py in subprocesses: with 1 device, with 4 fake CPU devices
-(XLA_FLAGS=--xla_force_host_platform_device_count=4) and as each of two jax.distributed
-processes (DMUE_COORDINATOR / DMUE_NUM_PROCESSES / DMUE_PROCESS_ID).
+Used by parallel_test.py in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4:
 
-  python tests/parallel_worker.py OUT.npz NUM_STEPS
+  python tests/parallel_worker.py OUT_DIR NUM_STEPS KERNELS 1 4    # writes OUT_DIR/{1,4}.npz
 """
 
+import os
 import sys
 
 import jax
@@ -26,7 +26,28 @@ def global_batch_numpy(step):
   return {'image': images, 'label': labels}
 
 
-def main(out, num_steps, kernels='auto'):
+def train_on(config, devices: int, num_steps: int) -> dict:
+  """{'losses', 'devices', keystr of each variable: array} after num_steps on `devices`."""
+  mesh = jax.make_mesh((devices,), (parallel.AXIS,), devices=jax.devices()[:devices],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  state = train.create_train_state(config, jax.random.key(0), steps_per_epoch=1)
+  state = jax.device_put(state, parallel.state_sharding(state, mesh))
+  p_train, _ = train.make_jitted_steps(config, mesh, steps_per_epoch=1)
+  losses = []
+  for step in range(num_steps):
+    batch = parallel.global_batch(global_batch_numpy(step), parallel.train_batch_sharding(mesh),
+                                  1)
+    state, metrics = p_train(state, batch, jax.random.key(1))
+    losses.append([float(metrics[n]) for n in ('train_loss', 'loss_ce', 'loss_soft',
+                                               'loss_sp', 'loss_aux')])
+  variables = jax.tree.map(parallel.to_host, {'params': state.params,
+                                              'batch_stats': state.batch_stats})
+  return {'losses': np.asarray(losses), 'devices': devices,
+          **{jax.tree_util.keystr(p): np.asarray(v)
+             for p, v in jax.tree_util.tree_leaves_with_path(variables)}}
+
+
+def main(out_dir, num_steps, kernels, device_counts):
   config = default.get_config('tiny')
   config.model.kernels = kernels
   config.input.batch_per_class = K
@@ -37,30 +58,9 @@ def main(out, num_steps, kernels='auto'):
   # makes the update linear in small gradients: rounding noise then stays at noise level and
   # the parameters can be compared tightly.
   config.optim.eps = 1e-2
-  parallel.initialize_distributed(config.parallel)
-  mesh = parallel.make_mesh()
-  parallel.check_divisible(K, config.input.eval_batch_size)
-  state = train.create_train_state(config, jax.random.key(0), steps_per_epoch=1)
-  state = jax.device_put(state, parallel.state_sharding(state, mesh))
-  p_train, _ = train.make_jitted_steps(config, mesh, steps_per_epoch=1)
-  share = K // jax.process_count()
-  cols = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
-  losses = []
-  for step in range(num_steps):
-    full = global_batch_numpy(step)
-    local = {name: v[:, cols] for name, v in full.items()}
-    batch = parallel.global_batch(local, parallel.train_batch_sharding(mesh), 1)
-    state, metrics = p_train(state, batch, jax.random.key(1))
-    losses.append([float(metrics[n]) for n in ('train_loss', 'loss_ce', 'loss_soft',
-                                               'loss_sp', 'loss_aux')])
-  params = jax.tree.map(parallel.to_host, state.params)
-  stats = jax.tree.map(parallel.to_host, state.batch_stats)
-  if jax.process_index() == 0:
-    flat = {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_leaves_with_path({'params': params,
-                                                             'batch_stats': stats})}
-    np.savez(out, losses=np.asarray(losses), devices=jax.device_count(), **flat)
+  for devices in device_counts:
+    np.savez(os.path.join(out_dir, f'{devices}.npz'), **train_on(config, devices, num_steps))
 
 
 if __name__ == '__main__':
-  main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:4])
+  main(sys.argv[1], int(sys.argv[2]), sys.argv[3], [int(n) for n in sys.argv[4:]])

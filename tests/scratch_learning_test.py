@@ -44,7 +44,7 @@ def test_scratch_dmue_run_learns(tmp_path):
          f'--config.input.cache_dir={tmp_path / "tfds"}', '--config.model.init_from=scratch',
          '--config.model.backbone=resnet10_narrow', '--config.input.image_size=32',
          '--config.input.resize_size=36', '--config.input.batch_per_class=4',
-         '--config.num_epochs=8', '--config.progress_bar=False',
+         '--config.num_epochs=4', '--config.progress_bar=False',
          '--config.analyze_at_end=False']
   proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                         capture_output=True, text=True, timeout=900)
