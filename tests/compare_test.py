@@ -73,13 +73,14 @@ def test_compare_command_writes_the_table_and_json(tmp_path):
   table = proc.stdout
   assert '| label noise | figure | baseline | DMUE | DMUE - baseline |' in table
   assert (workdir / 'comparison.md').read_text().strip() == compare.format_table(out).strip()
-  # Run again: both arms resume at their end, nothing is trained twice (the report, checked
-  # above, is left out this time).
+  # Run again (in this process): both arms resume at their end, nothing is trained twice (the
+  # report, checked above, is left out this time).
   before = {arm: metrics_lib.read_jsonl(str(workdir / 'noise_0.3' / arm / 'metrics.jsonl'))
             for arm in compare.ARMS}
-  proc = subprocess.run(cmd + ['--config.analyze_at_end=False'], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  config = default.get_config('tiny')
+  config.input.cache_dir, config.progress_bar = str(tmp_path / 'tfds'), False
+  config.analyze_at_end = False
+  compare.compare(config, str(workdir), [0.3])
   again = json.loads((workdir / 'comparison.json').read_text())
   assert again['runs'][0]['dmue']['eval_accuracy'] == out['runs'][0]['dmue']['eval_accuracy']
   for arm in compare.ARMS:

@@ -138,7 +138,7 @@ def test_console_shows_progress_and_results_and_the_log_keeps_the_rest(whole_run
 
 
 @pytest.mark.slow
-def test_killed_and_restarted_run_equals_uninterrupted(tmp_path, cache, whole_run):
+def test_killed_and_restarted_run_equals_uninterrupted(tmp_path, cache, whole_run, capsys):
   whole, broken = whole_run[0], tmp_path / 'broken'
   # SIGKILL right after step 5 was logged; the last checkpoint saved is step 4, written in the
   # background, so the one complete on disk is step 4 or, if the kill came first, step 3.
@@ -148,9 +148,11 @@ def test_killed_and_restarted_run_equals_uninterrupted(tmp_path, cache, whole_ru
       timeout=600)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   assert not os.path.exists(broken / 'results.json')
-  restarted = run_main(broken, cache)
+  capsys.readouterr()
+  train.train_and_evaluate(tiny_config(cache), str(broken))  # the restart, in this process
   # It really resumed rather than training again from scratch.
-  assert re.search(r'Resumed from \S+ at step [34]\.', restarted.stderr), restarted.stderr[-2000:]
+  restarted = capsys.readouterr().err
+  assert re.search(r'Resumed from \S+ at step [34]\.', restarted), restarted[-2000:]
   assert train_losses(broken) == train_losses(whole)
   # The training dynamics (per-sample margins and softmax sums) resume exactly too.
   saved = {}
