@@ -42,9 +42,10 @@ def enable_compilation_cache(directory: str | None = None) -> None:
   """Keeps compiled XLA programs on disk so a restarted or repeated run skips compilation.
 
   The DMUE step takes tens of seconds to compile on a small CPU; a resumed run (Colab after a
-  runtime reset, a crash) gets it back from the cache. JAX_COMPILATION_CACHE_DIR and
-  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS win if set; DMUE_NO_COMPILATION_CACHE=1 turns it
-  off.
+  runtime reset, a crash) gets it back from the cache. The folder: `directory`, else
+  JAX_COMPILATION_CACHE_DIR, else ~/.cache/dmue_jax/xla. JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS
+  sets which programs are kept (default: those compiling for 1 s or more);
+  DMUE_NO_COMPILATION_CACHE=1 turns the cache off.
   """
   if os.environ.get('DMUE_NO_COMPILATION_CACHE') == '1':
     return
