@@ -716,7 +716,7 @@ def run_training(config: ml_collections.ConfigDict, workdir: str,
     if variables is None:
       variables = initial_variables(config, init_rng)
     state = create_train_state(config, init_rng, spe, variables=variables)
-    state_shape(config, spe, state)
+    state_shape(config, spe, state)  # the steps' shardings take these shapes: no second trace
   state = jax.device_put(state, parallel.state_sharding(state, mesh))
   p_train, p_eval = make_jitted_steps(config, mesh, spe)
 

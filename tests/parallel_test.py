@@ -7,11 +7,11 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 import conftest
+import parallel_worker
 from configs import default
 from dmue_jax import checkpoints
 from dmue_jax import train
@@ -134,15 +134,12 @@ def main_losses(workdir, devices):
 
 def final_training(workdir):
   """assert_same_training's view of a main_args run: its logged losses and the variables of
-  its last checkpoint (step 6)."""
-  config = default.get_config('tiny')
-  config.input.batch_per_class, config.optim.eps, config.dmue.ramp_a = 4, 1e-2, 0.5
+  its last checkpoint (step 6; the tiny config's state layout, which main_args' overrides keep)."""
   mgr = checkpoints.manager(str(workdir), read_only=True)
-  state, _ = checkpoints.restore(mgr, 6, train.state_shape(config, 3))
+  state, _ = checkpoints.restore(mgr, 6, train.state_shape(default.get_config('tiny'), 3))
   mgr.close()
-  flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(
-      {'params': state.params, 'batch_stats': state.batch_stats})}
-  return {'losses': [l for _, l in logged_losses(workdir)], **flat}
+  return {'losses': [l for _, l in logged_losses(workdir)],
+          **parallel_worker.flat_variables(state)}
 
 
 @pytest.fixture(scope='module')

@@ -40,11 +40,14 @@ def train_on(config, devices: int, num_steps: int) -> dict:
     state, metrics = p_train(state, batch, jax.random.key(1))
     losses.append([float(metrics[n]) for n in ('train_loss', 'loss_ce', 'loss_soft',
                                                'loss_sp', 'loss_aux')])
-  variables = jax.tree.map(parallel.to_host, {'params': state.params,
-                                              'batch_stats': state.batch_stats})
-  return {'losses': np.asarray(losses), 'devices': devices,
-          **{jax.tree_util.keystr(p): np.asarray(v)
-             for p, v in jax.tree_util.tree_leaves_with_path(variables)}}
+  return {'losses': np.asarray(losses), 'devices': devices, **flat_variables(state)}
+
+
+def flat_variables(state) -> dict:
+  """{keystr of each parameter and BatchNorm statistic: its value on the host}."""
+  variables = jax.tree.map(parallel.to_host, state.variables)
+  return {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_leaves_with_path(variables)}
 
 
 def main(out_dir, num_steps, kernels, device_counts):

@@ -29,8 +29,7 @@ _CONV = re.compile(r'=\s*(\w+)\[([\d,]*)\]\S*\s+convolution\(')
 
 def compiled_step(config, mesh):
   spe = 3
-  state = jax.eval_shape(lambda key: train.create_train_state(config, key, spe),
-                         jax.random.key(0))
+  state = train.state_shape(config, spe)
   shardings = parallel.state_sharding(state, mesh)
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                        state, shardings)
@@ -83,8 +82,7 @@ def main(mode, kernels, method):
                     'convolutions': convolutions(many.as_text()),
                     'one_convolutions': convolutions(one.as_text()),
                     'param_shapes': sorted({tuple(x.shape) for x in jax.tree.leaves(
-                        jax.eval_shape(lambda: train.init_variables(config, jax.random.key(0)))
-                    )})}))
+                        train.state_shape(config, 3).variables)})}))
 
 
 if __name__ == '__main__':
